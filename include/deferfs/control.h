@@ -1,0 +1,174 @@
+// The control protocol between the `deferfs` CLI and a mounted daemon.
+//
+// Transport: a Unix SOCK_SEQPACKET socket. A message is one UTF-8 JSON object.
+// A message of at most kMaxPacketBytes travels as one packet holding exactly
+// its text. A longer one is cut into fragments: every packet but the last
+// holds '+' followed by a piece, the last holds '=' followed by the final
+// piece (a JSON text never starts with '+' or '='), each packet at most
+// kMaxPacketBytes. Requests are at most kMaxMessageBytes, replies at most
+// kMaxReplyBytes. The daemon accepts a connection only from the mounting
+// user or root (SO_PEERCRED); everyone else gets an error reply with
+// "errno": "EACCES" and nothing runs.
+//
+// Request:  {"version": 1, "op": "sync"|"status"|"discard"|"stats"|"umount",
+//            "paths": ["rel/path", ...],   // relative to the mount root; "" = all
+//            "force": bool,                // sync only
+//            "discard": bool}              // umount only
+//   "paths" is required and non-empty for sync, status and discard, optional
+//   (and unused) for stats and umount. Unknown fields are an error.
+// Replies:  zero or more {"progress": {"done": N, "total": N}} (sync only,
+//           at most about ten a second), then exactly one final
+//           {"ok": true, "result": {...report...}}
+//           or {"ok": false, "error": "message naming the cause", "errno": "EINVAL"}.
+//           When sync, discard or umount ran but some files failed or
+//           conflicted, the final reply is {"ok": false, "error": ...,
+//           "errno": "EIO", "result": {...report...}}: the report says which.
+// A connection may carry several requests, one after the other. A framing
+// error (oversized packet, truncated fragments) gets an error reply and the
+// connection is closed; a malformed request gets an error reply and the
+// connection stays usable.
+//
+// How the CLI finds the socket: getxattr(<any path in the mount>,
+// kControlXattr) answers the socket's absolute path. The daemon serves that
+// attribute itself for every inode, so the path alone is enough.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "deferfs/reports.h"
+
+namespace deferfs {
+
+inline constexpr int kProtocolVersion = 1;
+inline constexpr size_t kMaxPacketBytes = 64 << 10;   // one packet on the socket
+inline constexpr size_t kMaxMessageBytes = 1 << 20;   // one request, all fragments
+inline constexpr size_t kMaxReplyBytes = 256 << 20;   // one reply, all fragments
+inline constexpr const char* kControlXattr = "user.deferfs.control";
+
+struct ControlRequest {
+  std::string op;
+  std::vector<std::string> paths;
+  bool force = false;
+  bool discard = false;
+};
+
+// Thrown by parse_request for any malformed message; what() names the cause.
+struct ProtocolError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Parses and validates one request message (size, UTF-8, JSON, nesting
+// depth, types, version, known op, known fields, paths relative, without
+// NUL and without ".." components). Paths come back normalized: empty and
+// "." components dropped, so "a//b/./c/" is "a/b/c" and "." is "" (the
+// whole mount). Pure function: the fuzz target calls it directly.
+ControlRequest parse_request(const std::string& packet);
+
+// What the daemon does for each op. Implemented by the daemon core; every
+// call comes from a ControlServer client thread while FUSE threads run.
+// The server runs at most one of sync, discard and umount at a time; status
+// and stats may run concurrently with each other and with those. An
+// exception thrown by a call becomes an error reply (std::system_error
+// carries its errno, std::invalid_argument is EINVAL, anything else EIO);
+// it never reaches the server's threads. Must not destroy the ControlServer.
+class ControlHandler {
+ public:
+  virtual ~ControlHandler() = default;
+  using Progress = std::function<void(uint64_t done, uint64_t total)>;
+  virtual SyncReport sync(const std::vector<std::string>& paths, bool force,
+                          const Progress& progress) = 0;
+  virtual StatusReport status(const std::vector<std::string>& paths) = 0;
+  virtual DiscardReport discard(const std::vector<std::string>& paths) = 0;
+  virtual StatsReport stats() = 0;
+  // Sync everything (or discard if `discard`), then unmount. Returns the sync
+  // report; if it is not ok() the mount stays up and nothing is lost.
+  virtual SyncReport umount(bool discard) = 0;
+};
+
+// The daemon's listening socket, the thread that accepts on it, and one
+// thread per connected client (at most kMaxClients at once; more get an
+// EBUSY error reply). A client that stalls mid-message or sends nothing is
+// dropped after kIoTimeoutMs so it cannot hold a slot; a client that does not
+// read its replies is dropped after the same time. No exception escapes the
+// threads: bad input gets an error reply and the server keeps serving.
+class ControlServer {
+ public:
+  static constexpr size_t kMaxClients = 16;
+  static constexpr int kIoTimeoutMs = 5000;
+
+  // Creates `socket_path` (removing a stale socket there; refusing if a live
+  // daemon answers on it or something else than a socket is there). Mode
+  // 0600 would lock out root-less helpers, so access is checked with
+  // SO_PEERCRED against `owner_uid` (and uid 0). Throws std::system_error
+  // naming the path. `handler` must outlive the server.
+  ControlServer(std::string socket_path, uid_t owner_uid, ControlHandler& handler);
+  // Stops (see stop()), joins every thread (waiting for handler calls in
+  // progress to return), closes and unlinks the socket. Must not be called
+  // from inside a handler call.
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  // Starts the accepting thread. Call once; later calls do nothing.
+  void start();
+  // Stops accepting and asks every client thread to finish after its
+  // current request. Does not wait; thread-safe; idempotent.
+  void stop();
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Worker {
+    std::thread thread;
+    std::atomic<bool> done{false};
+  };
+
+  void run() noexcept;                     // the accepting thread
+  void accept_one();                       // accepting thread only
+  void reap_workers(bool all);             // accepting thread (or destructor after it)
+  void serve_client(int fd) noexcept;      // client thread; owns and closes fd
+  std::string handle(const std::string& message, int fd);  // one reply; throws only bad_alloc
+
+  // Constant after construction.
+  const std::string path_;
+  const uid_t owner_uid_;
+  ControlHandler& handler_;
+  int listen_fd_ = -1;
+  int stop_pipe_[2] = {-1, -1};  // a byte in it (never read) means "stop"
+
+  std::thread thread_;                 // the accepting thread; set by start()
+  std::atomic<bool> started_{false};
+  std::atomic<bool> stopping_{false};
+  std::list<Worker> workers_;          // touched only by the accepting thread,
+                                       // and by the destructor once it is joined
+  std::mutex op_mutex_;                // serializes sync, discard and umount
+};
+
+// Thrown by control_call when it cannot connect to the socket at all (no
+// socket, connection refused, permission denied): the daemon is not reachable.
+struct ControlConnectError : std::system_error {
+  using std::system_error::system_error;
+};
+
+// Client side, used by the CLI: connects, sends `req`, calls `on_progress`
+// for each progress reply, and returns the final reply object (which has a
+// boolean "ok"). Waits for the final reply of sync and umount without a
+// time limit, at most a minute for the other ops. Throws ControlConnectError
+// (connect), std::system_error (send/recv; messages name the socket) or ProtocolError
+// (bad or missing reply, or a request too large to send).
+nlohmann::json control_call(const std::string& socket_path, const ControlRequest& req,
+                            const std::function<void(uint64_t, uint64_t)>& on_progress = {});
+
+}  // namespace deferfs

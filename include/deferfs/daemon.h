@@ -1,0 +1,96 @@
+// The mounted filesystem: owns the inode table, the committer, the control
+// server and the FUSE session; implements the control operations.
+#pragma once
+
+#include <fuse_lowlevel.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "deferfs/committer.h"
+#include "deferfs/control.h"
+#include "deferfs/file.h"
+#include "deferfs/inode_table.h"
+#include "deferfs/options.h"
+
+namespace deferfs {
+
+// Runs the mount described by `opts` until it is unmounted or signalled.
+// Returns the process exit status (0, 1 on a runtime failure, 2 on bad usage
+// found while setting up, before anything is mounted).
+int run_daemon(const MountOptions& opts);
+
+class Daemon final : public ControlHandler {
+ public:
+  Daemon(const MountOptions& opts, int source_root_fd);
+  ~Daemon() override;
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // ---- ControlHandler (control thread) ----
+  SyncReport sync(const std::vector<std::string>& paths, bool force,
+                  const Progress& progress) override;
+  StatusReport status(const std::vector<std::string>& paths) override;
+  DiscardReport discard(const std::vector<std::string>& paths) override;
+  StatsReport stats() override;
+  SyncReport umount(bool discard) override;
+
+  // ---- used by the FUSE handlers (fuse_ops.cc) ----
+  const MountOptions& options() const { return opts_; }
+  InodeTable& inodes() { return inodes_; }
+  Counters& counters() { return counters_; }
+  // The File of a regular-file inode, created (snapshot taken) on first use.
+  // `fresh` tells whether the kernel's cached pages of it may be kept.
+  // Returns nullptr and sets `err` on failure.
+  std::shared_ptr<File> file_of(Inode& inode, bool& keep_cache, int& err);
+  // Commits one file (fsync=commit). 0 or -errno.
+  int commit_one(Inode& inode);
+  // A handle was released: a file unlinked on the source with no handle left
+  // loses its staged data (spec 6.6).
+  void released(Inode& inode);
+  // Path of `inode` relative to the source root ("" for the root); empty
+  // optional-like result "?" when unknown. " (deleted)" files keep that suffix.
+  std::string rel_path(const Inode& inode);
+  // Queues a kernel cache invalidation of `nodeid` (data and attributes),
+  // done by the notifier thread: never from inside a FUSE request.
+  void queue_invalidate(uint64_t nodeid);
+  const std::string& control_path() const { return control_path_; }
+  void set_session(fuse_session* se) { se_ = se; }
+  // Sync everything staged; used at exit (signal, fusermount3 -u). Logs.
+  void final_sync();
+  bool discard_on_exit() const { return discard_on_exit_; }
+
+  void start_threads();
+  void stop_threads();
+
+ private:
+  std::vector<CommitTarget> targets(const std::vector<std::string>& paths, bool staged_only);
+  static bool matches(const std::string& rel, const std::vector<std::string>& paths);
+  void notifier_loop();
+  int unmount_now();
+
+  // constant after construction
+  const MountOptions opts_;
+  const std::string control_path_;
+
+  Counters counters_;
+  InodeTable inodes_;
+  Committer committer_;
+  fuse_session* se_ = nullptr;  // set before the loop runs
+  std::unique_ptr<ControlServer> control_;
+  bool discard_on_exit_ = false;  // set by umount --discard before unmounting
+
+  std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_
+  std::condition_variable notify_cv_;
+  std::deque<uint64_t> notify_queue_;
+  bool notify_stop_ = false;
+  std::thread notifier_;
+};
+
+}  // namespace deferfs

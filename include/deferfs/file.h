@@ -1,0 +1,200 @@
+// One regular file's snapshot: its segment, page map and source, its staged
+// size and dirty pages, behind one lock.
+//
+// Content model. The snapshot's bytes ("base") are the source's at the
+// moment of the snapshot (or of the last commit), zeros past base_size_. The
+// file as seen through the mount has size size_ and, for page p:
+//   - a resident entry (Clean, Dirty, Writeback): the segment's bytes;
+//   - Hole: zeros (equal to base);
+//   - Absent below the cut mark: the base bytes (loaded on touch);
+//   - Absent at or above the cut mark: zeros.
+// The cut mark cut_ is the lowest size the file has had since the snapshot
+// (cut_ <= base_size_). Invariants, all under mutex_:
+//   I1  cut_ <= base_size_ and cut_ <= size_.
+//   I2  segment bytes of resident pages at or past size_ are zero.
+//   I3  if cut_ is not page-aligned, the page holding it is not Absent unless
+//       it is Clean-equivalent (its base bytes past cut_ are zero).
+//   I4  Clean pages equal the base; Dirty pages were different when last
+//       compared (a write that restores a page's base bytes makes it Clean).
+//   I5  only the loader that set a page Loading writes that page's bytes.
+//
+// Lock rules. mutex_ guards everything marked "guarded"; it is never held
+// across source I/O. Loads mark pages Loading, drop the lock, read, retake it
+// and look the page up again (wendelin's loadblk / VM_RETRY). commit_mutex_
+// serializes sync, discard and truncate against each other; lock order:
+// commit_mutex_ before mutex_. io_gate_ is held shared by loads and exclusive
+// by a commit's write phase, so a load never sees the source mid-commit.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "deferfs/page_map.h"
+#include "deferfs/segment.h"
+#include "deferfs/source.h"
+
+namespace deferfs {
+
+// Mount-wide counters (spec 2.1). Relaxed atomics: figures, not invariants.
+struct Counters {
+  std::atomic<uint64_t> loaded_bytes{0};
+  std::atomic<uint64_t> skipped_pages{0};
+  std::atomic<uint64_t> synced_bytes{0};
+  std::atomic<uint64_t> evicted_bytes{0};
+};
+
+// Pages of one file that a commit must write, taken by File::begin_commit.
+struct CommitPlan {
+  uint64_t final_size = 0;            // the size the source must end with
+  uint64_t source_size = 0;           // the source's size when the plan was made
+  std::vector<uint64_t> pages;        // Writeback pages (sorted), bytes in the segment
+  // Runs (first page, count) of cut pages below min(final, source) size that
+  // have no entry: they must read as zeros on the source.
+  std::vector<std::pair<uint64_t, uint64_t>> zero_runs;
+  bool size_change() const { return final_size != source_size; }
+  bool empty() const { return pages.empty() && zero_runs.empty() && !size_change(); }
+};
+
+struct CommitResult {
+  uint64_t pages_written = 0;
+  uint64_t pages_skipped = 0;
+  uint64_t bytes_written = 0;
+};
+
+class File {
+ public:
+  // `name` is for logs and segment names only. Takes the snapshot: records
+  // the source's identity; no data is read. Throws std::system_error.
+  File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counters, std::string name);
+  ~File();
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  // ---- client I/O (any thread, no lock held by the caller) ----
+
+  // Reads up to `len` bytes at `off` as seen through the mount, loading absent
+  // pages. On success appends iovecs to `out` that point into the segment
+  // (valid for the File's life) or into a static zero page, and returns the
+  // byte count (short at end of file). Returns -errno on failure (EIO for a
+  // conflict, the source's errno for a failed load).
+  ssize_t read(uint64_t off, size_t len, std::vector<iovec>& out);
+
+  // Stages a write. Pages whose bytes do not change are counted as skipped
+  // and stay as they were. Returns `len` or -errno.
+  ssize_t write(const char* buf, size_t len, uint64_t off);
+
+  // Stages a size change (truncate or extend). 0 or -errno.
+  int truncate(uint64_t new_size);
+
+  // ---- snapshot validity ----
+
+  enum class Validity { Unchanged, Resnapshotted, Conflict };
+  // Compares the source's identity with the snapshot's. A changed source of a
+  // file with nothing staged is re-snapshotted (all pages dropped: the caller
+  // must drop the kernel's cache of it); with staged pages it is a conflict.
+  Validity revalidate();
+
+  // ---- commit (sync), called by Committer; commit_mutex() held ----
+
+  std::mutex& commit_mutex() { return commit_mutex_; }
+  // True if anything is staged (dirty pages or a size change).
+  bool has_staged();
+  bool in_conflict();
+  // Moves staged pages to Writeback and describes what to write.
+  CommitPlan begin_commit();
+  // Ends a commit. ok: Writeback pages become Clean, the base becomes what
+  // was written, the snapshot takes the source's new identity. !ok:
+  // Writeback pages go back to Dirty, nothing is lost.
+  // `forced`: the commit went over a changed source (sync --force).
+  void end_commit(const CommitPlan& plan, bool ok, bool forced);
+  // Source and segment for the committer's I/O (between begin and end).
+  Source& source() { return *source_; }
+  const char* page_bytes(uint64_t page) const;
+  uint64_t page_size() const { return page_size_; }
+  std::shared_mutex& io_gate() { return io_gate_; }
+
+  // Drops every staged page and size change; the file shows its snapshot
+  // again. Takes commit_mutex_ itself. Returns the number of pages dropped.
+  uint64_t discard();
+
+  // ---- figures ----
+  struct Info {
+    uint64_t size = 0;
+    uint64_t dirty_pages = 0;
+    uint64_t resident_pages = 0;
+    bool staged = false;
+    bool conflict = false;
+    struct timespec staged_mtime = {};  // time of the last staged change
+    uint64_t map_bytes = 0;       // page map allocation
+    uint64_t resident_bytes = 0;  // segment memory as the kernel counts it
+  };
+  Info info();
+  const std::string& name() const { return name_; }
+  void set_name(std::string name);
+  // Called (with the file's lock held, so it must only queue work) when the
+  // file is re-snapshotted: the kernel's cached pages of it are stale.
+  void set_invalidate_hook(std::function<void()> hook);
+
+  // Open handles through the mount (maintained by the FUSE layer).
+  std::atomic<int> handles{0};
+
+ private:
+  // Absent pages below the cut in [first, last) get loaded; waits for pages
+  // others are loading. Returns 0 or -errno. lk is held on entry and exit.
+  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last);
+  // Reads [first, first+count) from the source into the segment (lock not held).
+  // hole[i] is set for pages found to be holes of the source.
+  int load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole);
+  // The source's identity differs from the snapshot's (or a load saw it
+  // change): re-snapshot a file with nothing staged and return true, or mark
+  // a conflict and return false.
+  bool source_changed_locked();
+  void resnapshot_locked(const SourceIdentity& now);
+  bool has_staged_locked() const;
+  // Pages in [cut, min(size, base_size)) without an entry: zeros now, maybe
+  // not on the source.
+  uint64_t implicit_zero_pages_locked() const;
+  // Marks a Clean page Dirty, remembering the hash of its base bytes.
+  void dirty_clean_page(uint64_t page);
+  // Pages a write made Dirty whose bytes may equal the base again: compare
+  // against the source (lock dropped for the read) and make equal ones Clean.
+  void settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
+  bool page_is_zero(uint64_t page) const;
+  uint64_t page_hash(uint64_t page) const;
+  void drop_page(uint64_t page);  // to Absent, punching its memory
+  void touch_staged();
+
+  // constant after construction
+  const uint64_t page_size_;
+  const std::unique_ptr<Source> source_;
+  Counters& counters_;
+
+  std::mutex commit_mutex_;
+  std::shared_mutex io_gate_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable loaded_cv_;  // signalled when any Loading page settles
+  std::string name_;                   // guarded
+  Segment segment_;                    // reserve/punch guarded; bytes per page state
+  PageMap map_;                        // guarded
+  SourceIdentity identity_;            // guarded: the snapshot's source identity
+  uint64_t base_size_ = 0;             // guarded
+  uint64_t size_ = 0;                  // guarded
+  uint64_t cut_ = 0;                   // guarded
+  uint64_t generation_ = 0;            // guarded: bumped when the base changes
+  bool conflict_ = false;              // guarded
+  struct timespec staged_mtime_ = {};  // guarded
+  std::function<void()> invalidate_hook_;  // guarded
+};
+
+}  // namespace deferfs

@@ -1,0 +1,49 @@
+// Mount command line and -o options (spec 2 and 3).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace deferfs {
+
+enum class FsyncMode { Commit, Stage };
+
+struct MountOptions {
+  std::string source;       // absolute, resolved before the mount (fuse_daemonize chdirs to /)
+  std::string mountpoint;   // absolute
+  bool foreground = false;  // -f
+  bool debug = false;       // -d (implies -f)
+  uint64_t page_size = 4096;
+  FsyncMode fsync = FsyncMode::Commit;
+  bool read_only = false;
+  std::string state_dir;    // default: $XDG_RUNTIME_DIR/deferfs or /run/deferfs
+  bool allow_other = false;
+  bool default_permissions = false;
+  // Options passed to libfuse untouched (allow_other, fsname=..., rw, nosuid, ...),
+  // each "name" or "name=value".
+  std::vector<std::string> fuse_options;
+};
+
+// Thrown for every bad invocation; what() names the option or path and the
+// cause. The mount command prints it and exits 2 before mounting anything.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// "4096", "4k", "64M", "2G" (also K/m/g, and a trailing "iB"/"B"). Throws
+// UsageError naming `what` on anything else or on overflow.
+uint64_t parse_size(const std::string& text, const std::string& what);
+
+// Parses argv of the mount form (after "deferfs" and an optional "mount"):
+// SOURCE MOUNTPOINT [-o OPTS]... [-f] [-d], options anywhere. Checks that
+// SOURCE and MOUNTPOINT exist and are directories and resolves them.
+// Options that belong to later work (cache_size, dirty_limit, snapshot,
+// readahead) are rejected as "not supported yet".
+MountOptions parse_mount_args(const std::vector<std::string>& args);
+
+std::string default_state_dir();
+
+}  // namespace deferfs

@@ -1,0 +1,50 @@
+// The shared-memory segment of one file: a memfd that holds the file's
+// resident pages at their file offsets, mapped into the daemon.
+//
+// Ownership: a Segment owns its memfd and every mapping it ever made.
+// Growth maps a larger view of the same memfd and keeps the old views until
+// destruction, so a pointer obtained from data() stays valid (and coherent,
+// it is the same memory) for the Segment's whole life: in-flight replies may
+// keep reading through it without a lock. The memfd is never shrunk (a
+// mapping past its end would SIGBUS); freed ranges are punched out instead.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace deferfs {
+
+class Segment {
+ public:
+  // Creates the memfd (named for /proc/PID/fd listings) with room for
+  // `capacity` bytes. Throws std::system_error naming `name`.
+  Segment(const std::string& name, uint64_t capacity);
+  ~Segment();
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+
+  // Makes bytes [0, bytes) addressable. Caller holds the owning File's lock.
+  // Returns 0 or -errno (ENOMEM when no address space is left).
+  int reserve(uint64_t bytes);
+
+  char* data() const { return base_; }
+  int fd() const { return fd_; }
+  uint64_t capacity() const { return capacity_; }
+
+  // Frees [off, off+len) (clipped to capacity): memory returns to the
+  // system, the range reads as zeros. Returns 0 or -errno.
+  int punch(uint64_t off, uint64_t len);
+
+  // Bytes of memory the segment holds, as the kernel counts them.
+  uint64_t resident_bytes() const;
+
+ private:
+  int fd_ = -1;
+  char* base_ = nullptr;     // the current (largest) mapping
+  uint64_t capacity_ = 0;
+  struct Mapping { char* addr; uint64_t len; };
+  std::vector<Mapping> mappings_;  // all mappings, the current one last
+};
+
+}  // namespace deferfs

@@ -1,0 +1,409 @@
+#include "deferfs/daemon.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <limits>
+
+#include "deferfs/fuse_ops.h"
+#include "deferfs/log.h"
+
+extern char** environ;
+
+namespace deferfs {
+
+namespace {
+
+std::string make_control_path(const MountOptions& opts) {
+  return opts.state_dir + "/ctl." + std::to_string(getpid());
+}
+
+uint64_t rss_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  uint64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+}  // namespace
+
+Daemon::Daemon(const MountOptions& opts, int source_root_fd)
+    : opts_(opts),
+      control_path_(make_control_path(opts)),
+      inodes_(source_root_fd),
+      committer_(counters_) {}
+
+Daemon::~Daemon() { stop_threads(); }
+
+void Daemon::start_threads() {
+  control_ = std::make_unique<ControlServer>(control_path_, getuid(), *this);
+  control_->start();
+  notifier_ = std::thread([this] { notifier_loop(); });
+}
+
+void Daemon::stop_threads() {
+  control_.reset();
+  {
+    std::lock_guard lk(notify_mutex_);
+    notify_stop_ = true;
+  }
+  notify_cv_.notify_all();
+  if (notifier_.joinable()) notifier_.join();
+}
+
+void Daemon::queue_invalidate(uint64_t nodeid) {
+  {
+    std::lock_guard lk(notify_mutex_);
+    notify_queue_.push_back(nodeid);
+  }
+  notify_cv_.notify_one();
+}
+
+void Daemon::notifier_loop() {
+  std::unique_lock lk(notify_mutex_);
+  for (;;) {
+    notify_cv_.wait(lk, [this] { return notify_stop_ || !notify_queue_.empty(); });
+    if (notify_stop_) return;
+    uint64_t nodeid = notify_queue_.front();
+    notify_queue_.pop_front();
+    lk.unlock();
+    // -ENOENT: the kernel no longer knows the inode; nothing cached then.
+    if (se_) fuse_lowlevel_notify_inval_inode(se_, nodeid, 0, 0);
+    lk.lock();
+  }
+}
+
+std::string Daemon::rel_path(const Inode& inode) {
+  if (&inode == &inodes_.root()) return "";
+  char link[64];
+  std::snprintf(link, sizeof link, "/proc/self/fd/%d", inode.fd);
+  std::string buf(PATH_MAX, '\0');
+  ssize_t n = readlink(link, buf.data(), buf.size());
+  if (n < 0) return "?";
+  buf.resize(static_cast<size_t>(n));
+  const std::string& root = opts_.source;
+  if (root == "/") return buf.substr(1);
+  if (buf.compare(0, root.size(), root) == 0 && buf.size() > root.size() && buf[root.size()] == '/')
+    return buf.substr(root.size() + 1);
+  return buf;  // outside the source (should not happen); shown as is
+}
+
+std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) {
+  std::lock_guard lk(inode.m);
+  keep_cache = false;
+  if (inode.file) {
+    File::Validity v = inode.file->revalidate();
+    keep_cache = v == File::Validity::Unchanged;
+    return inode.file;
+  }
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", inode.fd);
+  bool writable = !opts_.read_only;
+  int fd = writable ? open(path, O_RDWR | O_CLOEXEC | O_NOATIME) : -1;
+  if (fd < 0 && writable && errno == EPERM) fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    writable = false;
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = open(path, O_RDONLY | O_CLOEXEC);
+  }
+  if (fd < 0) {
+    err = errno;
+    return nullptr;
+  }
+  try {
+    auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), opts_.page_size,
+                                       counters_, rel_path(inode));
+    uint64_t nodeid = inodes_.nodeid(inode);
+    file->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
+    inode.file = file;
+    return file;
+  } catch (const std::system_error& e) {
+    log_error("%s", e.what());
+    err = e.code().value();
+    return nullptr;
+  }
+}
+
+int Daemon::commit_one(Inode& inode) {
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard lk(inode.m);
+    file = inode.file;
+  }
+  if (!file) return 0;
+  std::string path = rel_path(inode);
+  SyncReport r = committer_.commit({{file, path}}, false);
+  if (!r.conflicts.empty()) return -EIO;
+  if (!r.failed.empty()) return -EIO;
+  return 0;
+}
+
+void Daemon::released(Inode& inode) {
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard lk(inode.m);
+    file = inode.file;
+  }
+  if (!file || file->handles.load() != 0) return;
+  struct stat st;
+  if (fstat(inode.fd, &st) == 0 && st.st_nlink == 0) {
+    // Unlinked on the source and closed everywhere: the data has no name
+    // left to be committed to (spec 6.6).
+    file->discard();
+    std::lock_guard lk(inode.m);
+    if (file->handles.load() == 0) inode.file.reset();
+  }
+  inodes_.prune(inode);
+}
+
+bool Daemon::matches(const std::string& rel, const std::vector<std::string>& paths) {
+  if (paths.empty()) return true;
+  for (const std::string& p : paths) {
+    if (p.empty() || p == "." || rel == p) return true;
+    if (rel.size() > p.size() && rel.compare(0, p.size(), p) == 0 && rel[p.size()] == '/') return true;
+  }
+  return false;
+}
+
+std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths, bool staged_only) {
+  std::vector<CommitTarget> out;
+  for (const auto& inode : inodes_.with_files()) {
+    std::shared_ptr<File> file;
+    {
+      std::lock_guard lk(inode->m);
+      file = inode->file;
+    }
+    if (!file || (staged_only && !file->has_staged())) continue;
+    std::string rel = rel_path(*inode);
+    if (!matches(rel, paths)) continue;
+    file->set_name(rel);
+    out.push_back({file, rel});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const CommitTarget& a, const CommitTarget& b) { return a.path < b.path; });
+  return out;
+}
+
+SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const Progress& progress) {
+  SyncReport r = committer_.commit(targets(paths, true), force, progress);
+  for (const auto& inode : inodes_.with_files()) inodes_.prune(*inode);
+  return r;
+}
+
+StatusReport Daemon::status(const std::vector<std::string>& paths) {
+  StatusReport r;
+  const uint64_t ps = opts_.page_size;
+  for (const CommitTarget& t : targets(paths, true)) {
+    File::Info i = t.file->info();
+    StatusEntry e;
+    e.path = t.path;
+    e.size = i.size;
+    e.dirty_pages = i.dirty_pages;
+    e.dirty_bytes = i.dirty_pages * ps;
+    e.state = i.conflict ? FileState::Conflict : FileState::Staged;
+    r.dirty_pages += e.dirty_pages;
+    r.dirty_bytes += e.dirty_bytes;
+    r.files.push_back(std::move(e));
+  }
+  return r;
+}
+
+DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
+  DiscardReport r;
+  for (const auto& inode : inodes_.with_files()) {
+    std::shared_ptr<File> file;
+    {
+      std::lock_guard lk(inode->m);
+      file = inode->file;
+    }
+    if (!file || !file->has_staged()) continue;
+    if (!matches(rel_path(*inode), paths)) continue;
+    r.pages_dropped += file->discard();
+    ++r.files;
+    // The kernel's cached pages and size show staged bytes: drop them.
+    queue_invalidate(inodes_.nodeid(*inode));
+    inodes_.prune(*inode);
+  }
+  return r;
+}
+
+StatsReport Daemon::stats() {
+  StatsReport s;
+  s.page_size = opts_.page_size;
+  for (const auto& inode : inodes_.with_files()) {
+    std::shared_ptr<File> file;
+    {
+      std::lock_guard lk(inode->m);
+      file = inode->file;
+    }
+    if (!file) continue;
+    File::Info i = file->info();
+    ++s.snapshots;
+    s.files_open += static_cast<uint64_t>(std::max(0, file->handles.load()));
+    s.materialized_bytes += i.resident_bytes;
+    s.dirty_pages += i.dirty_pages;
+    s.dirty_bytes += i.dirty_pages * opts_.page_size;
+  }
+  s.loaded_bytes = counters_.loaded_bytes.load();
+  s.skipped_pages = counters_.skipped_pages.load();
+  s.synced_bytes = counters_.synced_bytes.load();
+  s.evicted_bytes = counters_.evicted_bytes.load();
+  s.cache_limit_bytes = 0;  // no cache limit in this version (see LIMITS)
+  s.daemon_rss_bytes = rss_bytes();
+  s.pid = getpid();
+  s.source = opts_.source;
+  s.mountpoint = opts_.mountpoint;
+  return s;
+}
+
+int Daemon::unmount_now() {
+  if (umount2(opts_.mountpoint.c_str(), 0) == 0) return 0;
+  if (errno != EPERM) return -errno;
+  // Not root: the setuid helper does it.
+  pid_t pid;
+  const char* argv[] = {"fusermount3", "-u", "-q", opts_.mountpoint.c_str(), nullptr};
+  int rc = posix_spawnp(&pid, "fusermount3", nullptr, nullptr, const_cast<char**>(argv), environ);
+  if (rc != 0) return -rc;
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EBUSY;
+}
+
+SyncReport Daemon::umount(bool discard_staged) {
+  SyncReport r;
+  if (discard_staged) {
+    discard({});
+    discard_on_exit_ = true;
+  } else {
+    r = sync({}, false, {});
+    if (!r.ok()) return r;  // nothing is lost: the mount stays
+  }
+  if (int rc = unmount_now(); rc < 0) {
+    r.failed.push_back({"", std::string("cannot unmount ") + opts_.mountpoint + ": " + std::strerror(-rc)});
+    discard_on_exit_ = false;
+  }
+  return r;
+}
+
+void Daemon::final_sync() {
+  if (discard_on_exit_) return;
+  SyncReport r = committer_.commit(targets({}, true), false, {});
+  if (r.files) log_info("synced %llu files at exit", static_cast<unsigned long long>(r.files));
+  for (const auto& c : r.conflicts)
+    log_error("%s: staged changes NOT committed at exit: conflict with an outside change", c.c_str());
+  for (const auto& f : r.failed)
+    log_error("%s: staged changes NOT committed at exit: %s", f.path.c_str(), f.error.c_str());
+}
+
+// ------------------------------------------------------------------ run
+
+namespace {
+
+std::string escape_opt(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == ',' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+int make_state_dir(const std::string& dir) {
+  std::string partial;
+  for (size_t i = 1; i <= dir.size(); ++i) {
+    if (i == dir.size() || dir[i] == '/') {
+      partial = dir.substr(0, i);
+      if (mkdir(partial.c_str(), 0755) < 0 && errno != EEXIST) return -errno;
+    }
+  }
+  struct stat st;
+  if (stat(dir.c_str(), &st) < 0) return -errno;
+  return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+}  // namespace
+
+int run_daemon(const MountOptions& opts) {
+  // Open the source before the mount can hide it (deferfs DIR DIR).
+  int root_fd = open(opts.source.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root_fd < 0) {
+    std::fprintf(stderr, "deferfs: %s: %s\n", opts.source.c_str(), std::strerror(errno));
+    return 2;
+  }
+  if (int rc = make_state_dir(opts.state_dir); rc < 0) {
+    std::fprintf(stderr, "deferfs: state_dir %s: %s\n", opts.state_dir.c_str(), std::strerror(-rc));
+    close(root_fd);
+    return 2;
+  }
+
+  std::vector<std::string> argv_s = {"deferfs"};
+  std::string o = "fsname=" + escape_opt(opts.source) + ",subtype=deferfs";
+  if (opts.read_only) o += ",ro";
+  for (const std::string& f : opts.fuse_options) o += "," + f;
+  argv_s.push_back("-o");
+  argv_s.push_back(o);
+  if (opts.debug) argv_s.push_back("-d");
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+
+  Daemon daemon(opts, root_fd);
+  const fuse_lowlevel_ops ops = make_fuse_ops();
+  fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &daemon);
+  if (!se) {
+    std::fprintf(stderr, "deferfs: the FUSE options were refused (see the message above)\n");
+    return 2;
+  }
+  daemon.set_session(se);
+  int status = 1;
+  if (fuse_set_signal_handlers(se) != 0) {
+    fuse_session_destroy(se);
+    return 1;
+  }
+  if (fuse_session_mount(se, opts.mountpoint.c_str()) != 0) {
+    std::fprintf(stderr, "deferfs: cannot mount on %s\n", opts.mountpoint.c_str());
+    fuse_remove_signal_handlers(se);
+    fuse_session_destroy(se);
+    return 1;
+  }
+  if (fuse_daemonize(opts.foreground || opts.debug) != 0) {
+    fuse_session_unmount(se);
+    fuse_remove_signal_handlers(se);
+    fuse_session_destroy(se);
+    return 1;
+  }
+  log_to_syslog(!(opts.foreground || opts.debug));
+  log_set_debug(opts.debug);
+  try {
+    daemon.start_threads();
+    log_info("serving %s on %s (page size %llu)", opts.source.c_str(), opts.mountpoint.c_str(),
+             static_cast<unsigned long long>(opts.page_size));
+    fuse_loop_config* cfg = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_clone_fd(cfg, 1);
+    fuse_loop_cfg_set_max_threads(cfg, 16);
+    fuse_loop_cfg_set_idle_threads(cfg, 8);
+    status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
+    fuse_loop_cfg_destroy(cfg);
+    // Unmounted (umount, fusermount3 -u) or signalled: commit what is staged.
+    daemon.final_sync();
+  } catch (const std::exception& e) {
+    log_error("%s", e.what());
+    status = 1;
+  }
+  daemon.stop_threads();
+  fuse_session_unmount(se);
+  fuse_remove_signal_handlers(se);
+  daemon.set_session(nullptr);
+  fuse_session_destroy(se);
+  fuse_opt_free_args(&args);
+  return status;
+}
+
+}  // namespace deferfs

@@ -1,0 +1,571 @@
+#include "deferfs/fuse_ops.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "deferfs/control.h"
+#include "deferfs/daemon.h"
+#include "deferfs/log.h"
+
+namespace deferfs {
+
+namespace {
+
+// The source's hidden state directory: never shown through the mount.
+constexpr const char* kHiddenDir = ".deferfs";
+constexpr double kTimeout = 1.0;  // entry and attribute cache, seconds
+
+Daemon& daemon_of(fuse_req_t req) { return *static_cast<Daemon*>(fuse_req_userdata(req)); }
+Inode& inode_of(fuse_req_t req, fuse_ino_t ino) { return daemon_of(req).inodes().get(ino); }
+
+struct ProcPath {
+  char buf[64];
+  explicit ProcPath(int fd) { std::snprintf(buf, sizeof buf, "/proc/self/fd/%d", fd); }
+  const char* c_str() const { return buf; }
+};
+
+bool hidden(fuse_ino_t parent, const char* name) {
+  return parent == FUSE_ROOT_ID && std::strcmp(name, kHiddenDir) == 0;
+}
+
+// One open file handle (fi->fh).
+struct Handle {
+  std::shared_ptr<Inode> inode;  // keeps the Inode alive while open
+  std::shared_ptr<File> file;    // regular files
+};
+
+// Overlays the staged size and times of a regular file on the source's stat.
+void overlay(Inode& inode, struct stat& st) {
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard lk(inode.m);
+    file = inode.file;
+  }
+  if (!file) return;
+  File::Info i = file->info();
+  st.st_size = static_cast<off_t>(i.size);
+  if (i.staged_mtime.tv_sec || i.staged_mtime.tv_nsec) {
+    st.st_mtim = i.staged_mtime;
+    st.st_ctim = i.staged_mtime;
+  }
+}
+
+int stat_inode(Inode& inode, struct stat& st) {
+  if (fstatat(inode.fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return errno;
+  if (S_ISREG(st.st_mode)) overlay(inode, st);
+  return 0;
+}
+
+// Looks `name` up in `parent` and fills `e`; counts a kernel lookup.
+int do_lookup(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_entry_param& e) {
+  std::memset(&e, 0, sizeof e);
+  e.attr_timeout = kTimeout;
+  e.entry_timeout = kTimeout;
+  if (hidden(parent, name)) return ENOENT;
+  Inode& dir = inode_of(req, parent);
+  int fd = openat(dir.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno;
+  struct stat st;
+  if (fstatat(fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) {
+    int err = errno;
+    close(fd);
+    return err;
+  }
+  Daemon& d = daemon_of(req);
+  std::shared_ptr<Inode> inode = d.inodes().lookup(fd, st);
+  if (S_ISREG(st.st_mode)) overlay(*inode, st);
+  e.ino = d.inodes().nodeid(*inode);
+  e.attr = st;
+  return 0;
+}
+
+void reply_entry_or_err(fuse_req_t req, fuse_ino_t parent, const char* name, int err) {
+  if (err) {
+    fuse_reply_err(req, err);
+    return;
+  }
+  fuse_entry_param e;
+  err = do_lookup(req, parent, name, e);
+  if (err)
+    fuse_reply_err(req, err);
+  else
+    fuse_reply_entry(req, &e);
+}
+
+// ------------------------------------------------------------ init
+
+void op_init(void* userdata, fuse_conn_info* conn) {
+  (void)userdata;
+  // Large requests: 1 MiB writes (max_pages 256), as large reads as the
+  // kernel offers.
+  conn->max_write = 1u << 20;
+  conn->max_readahead = 1u << 20;
+  // We invalidate the kernel's cache ourselves, only when data changed
+  // behind it (re-snapshot, discard): keep it across mtime changes.
+  if (conn->capable & FUSE_CAP_EXPLICIT_INVAL_DATA) conn->want |= FUSE_CAP_EXPLICIT_INVAL_DATA;
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
+  if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+}
+
+// ------------------------------------------------------------ lookup, attrs
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_entry_param e;
+  int err = do_lookup(req, parent, name, e);
+  if (err == ENOENT) {
+    // Negative entry, cached like a positive one.
+    e.ino = 0;
+    e.entry_timeout = kTimeout;
+    fuse_reply_entry(req, &e);
+    return;
+  }
+  if (err)
+    fuse_reply_err(req, err);
+  else
+    fuse_reply_entry(req, &e);
+}
+
+void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  daemon_of(req).inodes().forget(ino, nlookup);
+  fuse_reply_none(req);
+}
+
+void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  for (size_t i = 0; i < count; ++i) daemon_of(req).inodes().forget(forgets[i].ino, forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  struct stat st;
+  int err = stat_inode(inode_of(req, ino), st);
+  if (err)
+    fuse_reply_err(req, err);
+  else
+    fuse_reply_attr(req, &st, kTimeout);
+}
+
+void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
+  Daemon& d = daemon_of(req);
+  Inode& inode = inode_of(req, ino);
+  ProcPath path(inode.fd);
+  int err = 0;
+  if (valid & FUSE_SET_ATTR_MODE) {
+    if (chmod(path.c_str(), attr->st_mode) < 0) err = errno;
+  }
+  if (!err && (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))) {
+    uid_t uid = (valid & FUSE_SET_ATTR_UID) ? attr->st_uid : static_cast<uid_t>(-1);
+    gid_t gid = (valid & FUSE_SET_ATTR_GID) ? attr->st_gid : static_cast<gid_t>(-1);
+    if (fchownat(inode.fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) err = errno;
+  }
+  if (!err && (valid & FUSE_SET_ATTR_SIZE)) {
+    if (inode.type != S_IFREG) {
+      err = inode.type == S_IFDIR ? EISDIR : EINVAL;
+    } else {
+      std::shared_ptr<File> file;
+      if (fi && fi->fh) {
+        file = reinterpret_cast<Handle*>(fi->fh)->file;
+      } else {
+        // truncate(2) by name: check write permission on the source, then stage.
+        if (access(path.c_str(), W_OK) < 0) err = errno;
+        bool keep = false;
+        if (!err) file = d.file_of(inode, keep, err);
+      }
+      if (!err && file) {
+        int rc = file->truncate(static_cast<uint64_t>(attr->st_size));
+        if (rc < 0) err = -rc;
+      }
+    }
+  }
+  if (!err && (valid & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME))) {
+    struct timespec tv[2];
+    tv[0].tv_nsec = tv[1].tv_nsec = UTIME_OMIT;
+    if (valid & FUSE_SET_ATTR_ATIME_NOW)
+      tv[0].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_ATIME)
+      tv[0] = attr->st_atim;
+    if (valid & FUSE_SET_ATTR_MTIME_NOW)
+      tv[1].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_MTIME)
+      tv[1] = attr->st_mtim;
+    int rc = inode.type == S_IFLNK ? utimensat(inode.fd, "", tv, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+                                   : utimensat(AT_FDCWD, path.c_str(), tv, 0);
+    if (rc < 0) err = errno;
+  }
+  if (err) {
+    fuse_reply_err(req, err);
+    return;
+  }
+  struct stat st;
+  err = stat_inode(inode, st);
+  if (err)
+    fuse_reply_err(req, err);
+  else
+    fuse_reply_attr(req, &st, kTimeout);
+}
+
+void op_readlink(fuse_req_t req, fuse_ino_t ino) {
+  char buf[PATH_MAX + 1];
+  ssize_t n = readlinkat(inode_of(req, ino).fd, "", buf, sizeof buf - 1);
+  if (n < 0) {
+    fuse_reply_err(req, errno);
+    return;
+  }
+  buf[n] = 0;
+  fuse_reply_readlink(req, buf);
+}
+
+// ------------------------------------------------------------ namespace
+
+void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  int rc = mknodat(inode_of(req, parent).fd, name, mode, rdev);
+  reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
+}
+
+void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  int rc = mkdirat(inode_of(req, parent).fd, name, mode);
+  reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
+}
+
+void op_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  int rc = symlinkat(link, inode_of(req, parent).fd, name);
+  reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
+}
+
+void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char* name) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Inode& inode = inode_of(req, ino);
+  int rc = linkat(inode.fd, "", inode_of(req, parent).fd, name, AT_EMPTY_PATH);
+  if (rc < 0 && errno == ENOENT) {  // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH
+    ProcPath p(inode.fd);
+    rc = linkat(AT_FDCWD, p.c_str(), inode_of(req, parent).fd, name, AT_SYMLINK_FOLLOW);
+  }
+  reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
+}
+
+void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, ENOENT);
+  fuse_reply_err(req, unlinkat(inode_of(req, parent).fd, name, 0) < 0 ? errno : 0);
+}
+
+void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, ENOENT);
+  fuse_reply_err(req, unlinkat(inode_of(req, parent).fd, name, AT_REMOVEDIR) < 0 ? errno : 0);
+}
+
+void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+               const char* newname, unsigned int flags) {
+  if (hidden(parent, name) || hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
+  // Staged data follows its file: it is keyed by the source inode, which a
+  // rename keeps (spec 6.6).
+  int rc = renameat2(inode_of(req, parent).fd, name, inode_of(req, newparent).fd, newname, flags);
+  fuse_reply_err(req, rc < 0 ? errno : 0);
+}
+
+// ------------------------------------------------------------ files
+
+// Checks that the caller's access mode is allowed on the source, as an open
+// of the source itself would (the daemon's own fd may be opened differently).
+int check_open(Inode& inode, int flags) {
+  ProcPath p(inode.fd);
+  int fd = open(p.c_str(), (flags & O_ACCMODE) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) return errno;
+  close(fd);
+  return 0;
+}
+
+void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
+  Daemon& d = daemon_of(req);
+  bool keep_cache = false;
+  int err = 0;
+  std::shared_ptr<File> file = d.file_of(inode, keep_cache, err);
+  if (!file) {
+    fuse_reply_err(req, err ? err : EIO);
+    return;
+  }
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && !file->source().writable()) {
+    fuse_reply_err(req, EACCES);
+    return;
+  }
+  auto h = std::make_unique<Handle>();
+  h->file = file;
+  // The table keeps the Inode alive while the kernel holds a lookup; the
+  // handle needs no separate reference to it.
+  ++file->handles;
+  fi->keep_cache = keep_cache ? 1 : 0;
+  fi->fh = reinterpret_cast<uint64_t>(h.get());
+  if (fuse_reply_open(req, fi) == -ENOENT) {  // interrupted: the open never happened
+    --file->handles;
+    return;
+  }
+  h.release();
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(req, ino);
+  if (inode.type != S_IFREG) return (void)fuse_reply_err(req, EINVAL);
+  if (int err = check_open(inode, fi->flags)) return (void)fuse_reply_err(req, err);
+  open_regular(req, inode, fi);
+}
+
+void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+  if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  // The name appears on the source at once (spec 6.6); the data is staged.
+  int fd = openat(inode_of(req, parent).fd, name,
+                  (fi->flags & ~(O_TRUNC | O_APPEND | O_DIRECT)) | O_CREAT | O_CLOEXEC | O_NOFOLLOW, mode);
+  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  close(fd);
+  fuse_entry_param e;
+  if (int err = do_lookup(req, parent, name, e)) return (void)fuse_reply_err(req, err);
+  Daemon& d = daemon_of(req);
+  Inode& inode = d.inodes().get(e.ino);
+  bool keep_cache = false;
+  int err = 0;
+  std::shared_ptr<File> file = d.file_of(inode, keep_cache, err);
+  if (!file) {
+    d.inodes().forget(e.ino, 1);
+    return (void)fuse_reply_err(req, err ? err : EIO);
+  }
+  if (fi->flags & O_TRUNC) file->truncate(0);
+  auto h = std::make_unique<Handle>();
+  h->file = file;
+  ++file->handles;
+  fi->fh = reinterpret_cast<uint64_t>(h.get());
+  if (fuse_reply_create(req, &e, fi) == -ENOENT) {
+    --file->handles;
+    return;
+  }
+  h.release();
+}
+
+void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+  Handle* h = reinterpret_cast<Handle*>(fi->fh);
+  std::vector<iovec> iov;
+  ssize_t n = h->file->read(static_cast<uint64_t>(off), size, iov);
+  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
+  // iov points into the segment, which outlives this reply.
+  fuse_reply_iov(req, iov.data(), static_cast<int>(iov.size()));
+}
+
+void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  Handle* h = reinterpret_cast<Handle*>(fi->fh);
+  ssize_t n = h->file->write(buf, size, static_cast<uint64_t>(off));
+  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
+  fuse_reply_write(req, static_cast<size_t>(n));
+}
+
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
+
+void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
+  --h->file->handles;
+  h.reset();
+  daemon_of(req).released(inode_of(req, ino));
+  fuse_reply_err(req, 0);
+}
+
+void op_fsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  Daemon& d = daemon_of(req);
+  if (d.options().fsync == FsyncMode::Stage) return (void)fuse_reply_err(req, 0);
+  int rc = d.commit_one(inode_of(req, ino));
+  fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fuse_file_info* fi) {
+  Handle* h = reinterpret_cast<Handle*>(fi->fh);
+  if (mode != 0) return (void)fuse_reply_err(req, EOPNOTSUPP);
+  // Mode 0 only guarantees the range exists: extend the staged size.
+  uint64_t end = static_cast<uint64_t>(off) + static_cast<uint64_t>(len);
+  int rc = 0;
+  if (end > h->file->info().size) rc = h->file->truncate(end);
+  fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+// ------------------------------------------------------------ directories
+
+struct DirHandle {
+  DIR* dir = nullptr;
+  off_t offset = 0;
+  dirent* entry = nullptr;
+  ~DirHandle() {
+    if (dir) closedir(dir);
+  }
+};
+
+void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(req, ino);
+  auto dh = std::make_unique<DirHandle>();
+  int fd = openat(inode.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return (void)fuse_reply_err(req, errno);
+  dh->dir = fdopendir(fd);
+  if (!dh->dir) {
+    int err = errno;
+    close(fd);
+    return (void)fuse_reply_err(req, err);
+  }
+  fi->fh = reinterpret_cast<uint64_t>(dh.get());
+  if (fuse_reply_open(req, fi) == -ENOENT) return;
+  dh.release();
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  DirHandle* dh = reinterpret_cast<DirHandle*>(fi->fh);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  if (off != dh->offset) {
+    seekdir(dh->dir, off);
+    dh->entry = nullptr;
+    dh->offset = off;
+  }
+  for (;;) {
+    if (!dh->entry) {
+      errno = 0;
+      dh->entry = readdir(dh->dir);
+      if (!dh->entry) {
+        if (errno && used == 0) return (void)fuse_reply_err(req, errno);
+        break;
+      }
+    }
+    dirent* e = dh->entry;
+    off_t next = e->d_off;
+    if (!(ino == FUSE_ROOT_ID && std::strcmp(e->d_name, kHiddenDir) == 0)) {
+      struct stat st = {};
+      st.st_ino = e->d_ino;
+      st.st_mode = static_cast<mode_t>(DTTOIF(e->d_type));
+      size_t n = fuse_add_direntry(req, buf.data() + used, size - used, e->d_name, &st, next);
+      if (n > size - used) break;  // full: this entry goes in the next call
+      used += n;
+    }
+    dh->entry = nullptr;
+    dh->offset = next;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  delete reinterpret_cast<DirHandle*>(fi->fh);
+  fuse_reply_err(req, 0);
+}
+
+void op_fsyncdir(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
+  DirHandle* dh = reinterpret_cast<DirHandle*>(fi->fh);
+  int fd = dirfd(dh->dir);
+  int rc = datasync ? fdatasync(fd) : fsync(fd);
+  fuse_reply_err(req, rc < 0 ? errno : 0);
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+  struct statvfs sv;
+  if (fstatvfs(inode_of(req, ino).fd, &sv) < 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_statfs(req, &sv);
+}
+
+void op_access(fuse_req_t req, fuse_ino_t ino, int mask) {
+  ProcPath p(inode_of(req, ino).fd);
+  fuse_reply_err(req, access(p.c_str(), mask) < 0 ? errno : 0);
+}
+
+// ------------------------------------------------------------ xattrs
+
+void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  Inode& inode = inode_of(req, ino);
+  std::string value;
+  ssize_t n;
+  std::vector<char> buf;
+  if (std::strcmp(name, kControlXattr) == 0) {
+    // How the CLI finds this daemon from any path in the mount.
+    value = daemon_of(req).control_path();
+    n = static_cast<ssize_t>(value.size());
+    buf.assign(value.begin(), value.end());
+  } else {
+    if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
+    ProcPath p(inode.fd);
+    buf.resize(size);
+    n = getxattr(p.c_str(), name, size ? buf.data() : nullptr, size);
+    if (n < 0) return (void)fuse_reply_err(req, errno);
+  }
+  if (size == 0) return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
+  if (static_cast<size_t>(n) > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+}
+
+void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  Inode& inode = inode_of(req, ino);
+  if (inode.type == S_IFLNK) return (void)(size ? fuse_reply_buf(req, nullptr, 0) : fuse_reply_xattr(req, 0));
+  ProcPath p(inode.fd);
+  std::vector<char> buf(size);
+  ssize_t n = listxattr(p.c_str(), size ? buf.data() : nullptr, size);
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  if (size == 0) return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
+  fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+}
+
+void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                 int flags) {
+  Inode& inode = inode_of(req, ino);
+  if (std::strcmp(name, kControlXattr) == 0) return (void)fuse_reply_err(req, EPERM);
+  if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
+  ProcPath p(inode.fd);
+  fuse_reply_err(req, setxattr(p.c_str(), name, value, size, flags) < 0 ? errno : 0);
+}
+
+void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  Inode& inode = inode_of(req, ino);
+  if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
+  ProcPath p(inode.fd);
+  fuse_reply_err(req, removexattr(p.c_str(), name) < 0 ? errno : 0);
+}
+
+}  // namespace
+
+fuse_lowlevel_ops make_fuse_ops() {
+  fuse_lowlevel_ops ops = {};
+  ops.init = op_init;
+  ops.lookup = op_lookup;
+  ops.forget = op_forget;
+  ops.forget_multi = op_forget_multi;
+  ops.getattr = op_getattr;
+  ops.setattr = op_setattr;
+  ops.readlink = op_readlink;
+  ops.mknod = op_mknod;
+  ops.mkdir = op_mkdir;
+  ops.symlink = op_symlink;
+  ops.link = op_link;
+  ops.unlink = op_unlink;
+  ops.rmdir = op_rmdir;
+  ops.rename = op_rename;
+  ops.open = op_open;
+  ops.create = op_create;
+  ops.read = op_read;
+  ops.write = op_write;
+  ops.flush = op_flush;
+  ops.release = op_release;
+  ops.fsync = op_fsync;
+  ops.fallocate = op_fallocate;
+  ops.opendir = op_opendir;
+  ops.readdir = op_readdir;
+  ops.releasedir = op_releasedir;
+  ops.fsyncdir = op_fsyncdir;
+  ops.statfs = op_statfs;
+  ops.access = op_access;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
+  ops.setxattr = op_setxattr;
+  ops.removexattr = op_removexattr;
+  return ops;
+}
+
+}  // namespace deferfs

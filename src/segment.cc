@@ -1,0 +1,68 @@
+#include "deferfs/segment.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <system_error>
+
+namespace deferfs {
+
+namespace {
+// Address space is reserved in large steps: doubling, at least 64 MiB, so a
+// growing file is remapped O(log size) times.
+constexpr uint64_t kMinCapacity = uint64_t{64} << 20;
+
+uint64_t round_capacity(uint64_t bytes) {
+  uint64_t cap = kMinCapacity;
+  while (cap < bytes) cap *= 2;
+  return cap;
+}
+}  // namespace
+
+Segment::Segment(const std::string& name, uint64_t capacity) {
+  fd_ = memfd_create(("deferfs:" + name).substr(0, 249).c_str(), MFD_CLOEXEC);
+  if (fd_ < 0) throw std::system_error(errno, std::generic_category(), "memfd_create for " + name);
+  int rc = reserve(capacity);
+  if (rc < 0) {
+    close(fd_);
+    throw std::system_error(-rc, std::generic_category(), "segment mapping for " + name);
+  }
+}
+
+Segment::~Segment() {
+  for (const Mapping& m : mappings_) munmap(m.addr, m.len);
+  if (fd_ >= 0) close(fd_);
+}
+
+int Segment::reserve(uint64_t bytes) {
+  if (bytes <= capacity_ && base_) return 0;
+  uint64_t cap = round_capacity(bytes);
+  // The memfd is sparse: its size costs nothing until pages are written.
+  if (ftruncate(fd_, static_cast<off_t>(cap)) < 0) return -errno;
+  void* p = mmap(nullptr, cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_, 0);
+  if (p == MAP_FAILED) return -errno;
+  base_ = static_cast<char*>(p);
+  capacity_ = cap;
+  mappings_.push_back({base_, cap});
+  return 0;
+}
+
+int Segment::punch(uint64_t off, uint64_t len) {
+  if (off >= capacity_ || len == 0) return 0;
+  if (len > capacity_ - off) len = capacity_ - off;
+  if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                static_cast<off_t>(len)) < 0)
+    return -errno;
+  return 0;
+}
+
+uint64_t Segment::resident_bytes() const {
+  struct stat st;
+  if (fstat(fd_, &st) < 0) return 0;
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+}  // namespace deferfs
