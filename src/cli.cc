@@ -520,7 +520,8 @@ int run_umount(const CliArgs& a) {
                    display_path(t, path).c_str());
     }
     report_failed(t, r.failed, "not synced");
-    throw CliError(1, mp + ": not unmounted; every staged change is kept (sync --force, or umount --discard)");
+    throw CliError(1, mp + ": not unmounted; every staged change is kept (fix the cause and retry, "
+                           "or drop them with umount --discard)");
   }
   const auto deadline = Clock::now() + kUmountWait;
   while (mount_present(t.mount.id)) {

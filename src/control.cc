@@ -299,12 +299,26 @@ int wait_readable(int fd, int stop_fd, int timeout_ms) {
   }
 }
 
-// Receives one packet into `out`. Returns its status: Ok, Eof, TooLarge or Error.
+// recv(2) that retries on EINTR, and once on ECONNRESET: a peer that closed
+// with our data unread leaves that error pending ahead of the packets it
+// sent us before, which are still there to read.
+ssize_t recv_retrying(int fd, void* buf, size_t len, int flags) {
+  bool reset_seen = false;
+  for (;;) {
+    const ssize_t n = ::recv(fd, buf, len, flags);
+    if (n >= 0 || errno == EINTR) {
+      if (n >= 0) return n;
+      continue;
+    }
+    if (errno != ECONNRESET || reset_seen) return n;
+    reset_seen = true;
+  }
+}
+
+// Receives one packet into `out`. Returns its status: Ok, Eof, TooLarge,
+// Timeout (nothing there after all) or Error.
 Received recv_packet(int fd, std::string& out) {
-  ssize_t size;
-  do {
-    size = ::recv(fd, nullptr, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
-  } while (size < 0 && errno == EINTR);
+  const ssize_t size = recv_retrying(fd, nullptr, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
   if (size < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return received(RecvStatus::Timeout);
     return received(RecvStatus::Error, {}, errno);
@@ -322,13 +336,21 @@ Received recv_packet(int fd, std::string& out) {
                                               std::to_string(kMaxPacketBytes));
   }
   out.resize(static_cast<size_t>(size));
-  ssize_t got;
-  do {
-    got = ::recv(fd, out.data(), out.size(), MSG_DONTWAIT);
-  } while (got < 0 && errno == EINTR);
+  const ssize_t got = recv_retrying(fd, out.data(), out.size(), MSG_DONTWAIT);
   if (got < 0) return received(RecvStatus::Error, {}, errno);
   out.resize(static_cast<size_t>(got));
   return received(RecvStatus::Ok);
+}
+
+// Before closing a connection early: stop writing and drop what the client
+// already sent, so that closing does not turn into ECONNRESET ahead of our
+// last reply on its side. Bounded: a client that keeps sending gets the reset.
+void drain(int fd) {
+  (void)::shutdown(fd, SHUT_WR);
+  char c;
+  for (int i = 0; i < 64; ++i) {
+    if (::recv(fd, &c, 1, MSG_TRUNC | MSG_DONTWAIT) <= 0) return;
+  }
 }
 
 // Receives one whole message (reassembling fragments) of at most `limit`
@@ -457,6 +479,7 @@ void remove_stale_socket(const std::string& path) {
 // Sends a final error reply to a client we will not serve; never blocks.
 void reject(int fd, const std::string& message, int err) {
   (void)send_message(fd, error_reply(message, err), MSG_DONTWAIT);
+  drain(fd);
 }
 
 // Sends progress packets for one sync, at most one per kProgressInterval
@@ -537,6 +560,10 @@ ControlRequest parse_request(const std::string& packet) {
   if (packet.empty()) throw ProtocolError("empty request");
   if (size_t bad = first_invalid_utf8(packet); bad != std::string::npos) {
     throw ProtocolError("request is not valid UTF-8 (byte " + std::to_string(bad) + ")");
+  }
+  // The JSON parser would stop at a raw NUL and accept what came before it.
+  if (size_t nul = packet.find('\0'); nul != std::string::npos) {
+    throw ProtocolError("request contains a NUL byte (byte " + std::to_string(nul) + ")");
   }
   const json j = parse_json_limited(packet);
   if (!j.is_object()) throw ProtocolError("request is not a JSON object but " + std::string(j.type_name()));
@@ -688,10 +715,12 @@ void ControlServer::serve_client(int fd) noexcept {
           break;
         case RecvStatus::TooLarge:
           (void)send_message(fd, error_reply("bad request: " + m.detail, EMSGSIZE));
+          drain(fd);
           return;
         case RecvStatus::Truncated:
         case RecvStatus::Malformed:
           (void)send_message(fd, error_reply("bad request: " + m.detail, EINVAL));
+          drain(fd);
           return;
         case RecvStatus::Eof:
         case RecvStatus::Timeout:

@@ -163,6 +163,10 @@ void Daemon::released(Inode& inode) {
   inodes_.prune(inode);
 }
 
+void Daemon::unlinked(dev_t dev, ino_t ino) {
+  if (std::shared_ptr<Inode> inode = inodes_.find(dev, ino)) released(*inode);
+}
+
 bool Daemon::matches(const std::string& rel, const std::vector<std::string>& paths) {
   if (paths.empty()) return true;
   for (const std::string& p : paths) {

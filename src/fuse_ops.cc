@@ -256,9 +256,20 @@ void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char* name
   reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
 }
 
+// The source object a name refers to, to find its staged data once the name
+// is gone. Returns false if the name does not exist.
+bool victim_of(int dirfd, const char* name, struct stat& st) {
+  return fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode);
+}
+
 void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
   if (hidden(parent, name)) return (void)fuse_reply_err(req, ENOENT);
-  fuse_reply_err(req, unlinkat(inode_of(req, parent).fd, name, 0) < 0 ? errno : 0);
+  int dirfd = inode_of(req, parent).fd;
+  struct stat victim;
+  bool regular = victim_of(dirfd, name, victim);
+  if (unlinkat(dirfd, name, 0) < 0) return (void)fuse_reply_err(req, errno);
+  if (regular) daemon_of(req).unlinked(victim.st_dev, victim.st_ino);
+  fuse_reply_err(req, 0);
 }
 
 void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -271,8 +282,13 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
   if (hidden(parent, name) || hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
   // Staged data follows its file: it is keyed by the source inode, which a
   // rename keeps (spec 6.6).
-  int rc = renameat2(inode_of(req, parent).fd, name, inode_of(req, newparent).fd, newname, flags);
-  fuse_reply_err(req, rc < 0 ? errno : 0);
+  int newdir = inode_of(req, newparent).fd;
+  struct stat victim;
+  bool replaces = !(flags & RENAME_EXCHANGE) && victim_of(newdir, newname, victim);
+  if (renameat2(inode_of(req, parent).fd, name, newdir, newname, flags) < 0)
+    return (void)fuse_reply_err(req, errno);
+  if (replaces) daemon_of(req).unlinked(victim.st_dev, victim.st_ino);
+  fuse_reply_err(req, 0);
 }
 
 // ------------------------------------------------------------ files

@@ -73,6 +73,12 @@ void InodeTable::prune(const Inode& inode) {
   inodes_.erase(it);
 }
 
+std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {
+  std::lock_guard lk(m_);
+  auto it = inodes_.find({dev, ino});
+  return it == inodes_.end() ? nullptr : it->second;
+}
+
 std::vector<std::shared_ptr<Inode>> InodeTable::with_files() {
   std::vector<std::shared_ptr<Inode>> out;
   std::lock_guard lk(m_);

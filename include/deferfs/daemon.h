@@ -54,6 +54,9 @@ class Daemon final : public ControlHandler {
   // A handle was released: a file unlinked on the source with no handle left
   // loses its staged data (spec 6.6).
   void released(Inode& inode);
+  // A name of source object (dev, ino) was removed (unlink, rename over it):
+  // if that was its last link and no handle is open, its staged data goes.
+  void unlinked(dev_t dev, ino_t ino);
   // Path of `inode` relative to the source root ("" for the root); empty
   // optional-like result "?" when unknown. " (deleted)" files keep that suffix.
   std::string rel_path(const Inode& inode);

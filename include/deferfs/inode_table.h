@@ -60,6 +60,9 @@ class InodeTable {
   // holds staged data.
   void forget(uint64_t nodeid, uint64_t n);
 
+  // The Inode of a source object if the table holds it, else nullptr.
+  std::shared_ptr<Inode> find(dev_t dev, ino_t ino);
+
   // Every Inode with a File (for sync, status, stats, unmount).
   std::vector<std::shared_ptr<Inode>> with_files();
 
