@@ -4,6 +4,7 @@
 #include "deferfs/cli.h"
 
 #include <sys/xattr.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -417,6 +418,9 @@ void print_stats(const StatsReport& r) {
   line("evicted_bytes", human_size(r.evicted_bytes));
   line("cache_limit_bytes", r.cache_limit_bytes ? human_size(r.cache_limit_bytes) : "none");
   line("daemon_rss_bytes", human_size(r.daemon_rss_bytes));
+  if (r.dirty_limit_bytes) line("dirty_limit_bytes", human_size(r.dirty_limit_bytes));
+  line("spilled_bytes", human_size(r.spilled_bytes));
+  line("spilled_total_bytes", human_size(r.spilled_total_bytes));
 }
 
 // --- Subcommands ---------------------------------------------------------------
@@ -511,6 +515,18 @@ int run_umount(const CliArgs& a) {
     throw usage_error(a.paths.front() + ": not a mount point; the deferfs mount is at " + mp);
   }
   (void)!::chdir("/");  // our own working directory must not keep the mount busy
+  // The daemon's pid, to wait for its exit: the unmount is done when the
+  // daemon has committed, freed its segments and gone.
+  long daemon_pid = 0;
+  try {
+    ControlRequest st;
+    st.op = "stats";
+    st.paths = {""};
+    const json sr = call_daemon(t, st);
+    if (sr.value("ok", false)) daemon_pid = sr["result"].value("pid", 0L);
+  } catch (const std::exception&) {
+    // An old daemon without pid: wait for the mount only.
+  }
   const json reply = call_daemon(t, request_for(a, t));
   check_reply(reply, t, "umount");
   if (!reply["ok"].get<bool>()) {
@@ -531,6 +547,8 @@ int run_umount(const CliArgs& a) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
+  while (daemon_pid > 0 && ::kill(static_cast<pid_t>(daemon_pid), 0) == 0 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   return 0;
 }
 

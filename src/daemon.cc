@@ -38,7 +38,9 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd)
     : opts_(opts),
       control_path_(make_control_path(opts)),
       inodes_(source_root_fd),
-      committer_(counters_) {}
+      committer_(counters_),
+      cache_(counters_, opts.cache_size, opts.dirty_limit),
+      source_root_fd_(source_root_fd) {}
 
 Daemon::~Daemon() { stop_threads(); }
 
@@ -122,6 +124,8 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
                                        counters_, rel_path(inode));
     uint64_t nodeid = inodes_.nodeid(inode);
     file->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
+    file->set_spill_opener([this] { return open_spill_file(); });
+    cache_.add(file);
     inode.file = file;
     return file;
   } catch (const std::system_error& e) {
@@ -129,6 +133,34 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
     err = e.code().value();
     return nullptr;
   }
+}
+
+int Daemon::open_spill_file() {
+  // .deferfs at the source root: hidden from the mount, on the source's own
+  // filesystem (spec 3, state_dir). Spill files are anonymous (O_TMPFILE) so
+  // they vanish with the daemon.
+  if (mkdirat(source_root_fd_, ".deferfs", 0700) < 0 && errno != EEXIST) {
+    int err = errno;
+    log_error("%s/.deferfs: cannot create the spill directory: %s", opts_.source.c_str(), std::strerror(err));
+    return -err;
+  }
+  int dir = openat(source_root_fd_, ".deferfs", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return -errno;
+  int fd = openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    // No O_TMPFILE on this filesystem: a named file, unlinked at once.
+    char name[64];
+    std::snprintf(name, sizeof name, "spill.%d.%p", getpid(), static_cast<void*>(&fd));
+    fd = openat(dir, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0) unlinkat(dir, name, 0);
+  }
+  int err = errno;
+  close(dir);
+  if (fd < 0) {
+    log_error("%s/.deferfs: cannot create a spill file: %s", opts_.source.c_str(), std::strerror(err));
+    return -err;
+  }
+  return fd;
 }
 
 int Daemon::commit_one(Inode& inode) {
@@ -259,7 +291,10 @@ StatsReport Daemon::stats() {
   s.skipped_pages = counters_.skipped_pages.load();
   s.synced_bytes = counters_.synced_bytes.load();
   s.evicted_bytes = counters_.evicted_bytes.load();
-  s.cache_limit_bytes = 0;  // no cache limit in this version (see LIMITS)
+  s.cache_limit_bytes = cache_.cache_limit();
+  s.dirty_limit_bytes = cache_.dirty_limit();
+  s.spilled_bytes = static_cast<uint64_t>(std::max<int64_t>(0, counters_.spilled_bytes.load()));
+  s.spilled_total_bytes = counters_.spilled_total_bytes.load();
   s.daemon_rss_bytes = rss_bytes();
   s.pid = getpid();
   s.source = opts_.source;
@@ -334,7 +369,9 @@ int make_state_dir(const std::string& dir) {
 
 }  // namespace
 
-int run_daemon(const MountOptions& opts) {
+int run_daemon(const MountOptions& given) {
+  MountOptions opts = given;
+  resolve_memory_defaults(opts);
   // Open the source before the mount can hide it (deferfs DIR DIR).
   int root_fd = open(opts.source.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   if (root_fd < 0) {

@@ -1,6 +1,8 @@
 #include "deferfs/file.h"
 
+#include <fcntl.h>
 #include <syslog.h>
+#include <unistd.h>
 #include <time.h>
 #include <xxhash.h>
 
@@ -51,7 +53,49 @@ File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counter
   if (rc < 0) throw std::system_error(-rc, std::generic_category(), "segment for " + name_);
 }
 
-File::~File() = default;
+File::~File() {
+  // Give the memory back to the gauges: the segment goes with us.
+  std::lock_guard lk(mutex_);
+  for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(),
+                                 [](const PageEntry&) { return true; })) {
+    PageState st = map_.state(p);
+    if (st == PageState::Loading) continue;  // impossible: loaders hold a reference
+    set_page_state(p, PageState::Absent);
+  }
+  if (spill_fd_ >= 0) close(spill_fd_);
+}
+
+PageEntry* File::set_page_state(uint64_t page, PageState to) {
+  const PageState from = map_.state(page);
+  PageEntry* e = map_.set_state(page, to);
+  if (from == to) return e;
+  const int64_t ps = static_cast<int64_t>(page_size_);
+  auto gauge = [&](PageState s, int64_t sign) {
+    if (s == PageState::Clean)
+      counters_.clean_bytes.fetch_add(sign * ps, std::memory_order_relaxed);
+    else if (s == PageState::Dirty || s == PageState::Writeback)
+      counters_.dirty_mem_bytes.fetch_add(sign * ps, std::memory_order_relaxed);
+    else if (s == PageState::Spilled)
+      counters_.spilled_bytes.fetch_add(sign * ps, std::memory_order_relaxed);
+  };
+  gauge(from, -1);
+  gauge(to, +1);
+  return e;
+}
+
+void File::set_spill_opener(std::function<int()> opener) {
+  std::lock_guard lk(mutex_);
+  spill_opener_ = std::move(opener);
+}
+
+int File::ensure_spill_file_locked() {
+  if (spill_fd_ >= 0) return 0;
+  if (!spill_opener_) return -ENOSPC;
+  int fd = spill_opener_();
+  if (fd < 0) return fd;
+  spill_fd_ = fd;
+  return 0;
+}
 
 void File::set_name(std::string name) {
   std::lock_guard lk(mutex_);
@@ -71,8 +115,33 @@ uint64_t File::page_hash(uint64_t page) const { return hash32(page_bytes(page), 
 
 void File::drop_page(uint64_t page) {
   PageState st = map_.state(page);
-  map_.set_state(page, PageState::Absent);
+  set_page_state(page, PageState::Absent);
   if (is_resident(st) || is_loading(st)) segment_.punch(page * page_size_, page_size_);
+  if (st == PageState::Spilled && spill_fd_ >= 0)
+    fallocate(spill_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              static_cast<off_t>(page * page_size_), static_cast<off_t>(page_size_));
+}
+
+int File::read_spilled(uint64_t page, char* out) {
+  int fd;
+  {
+    std::lock_guard lk(mutex_);
+    fd = spill_fd_;
+  }
+  if (fd < 0) return -EIO;
+  ssize_t n = pread(fd, out, page_size_, static_cast<off_t>(page * page_size_));
+  if (n < 0) return -errno;
+  if (static_cast<uint64_t>(n) < page_size_) std::memset(out + n, 0, page_size_ - static_cast<size_t>(n));
+  return 0;
+}
+
+void File::raise_cut_locked() {
+  const uint64_t limit = std::min(size_, base_size_);
+  while (cut_ < limit) {
+    uint64_t p = cut_ / page_size_;
+    if (map_.state(p) == PageState::Absent) break;
+    cut_ = std::min((p + 1) * page_size_, limit);
+  }
 }
 
 void File::touch_staged() { staged_mtime_ = now_realtime(); }
@@ -86,7 +155,8 @@ uint64_t File::implicit_zero_pages_locked() const {
 }
 
 bool File::has_staged_locked() const {
-  return map_.count(PageState::Dirty) + map_.count(PageState::Writeback) > 0 ||
+  return map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
+                 map_.count(PageState::Spilled) > 0 ||
          size_ != base_size_ || implicit_zero_pages_locked() > 0;
 }
 
@@ -111,9 +181,10 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
     int64_t d = source_->next_data(off);
     if (d < 0) return static_cast<int>(d);
     uint64_t data = std::max<uint64_t>(static_cast<uint64_t>(d), off);
-    // Whole pages in [off, data) are holes: zeros, never read, nothing resident.
-    for (uint64_t p = div_up(off, ps); (p + 1) * ps <= std::min(data, end) && p < first + count; ++p)
-      hole[p - first] = 1;
+    // Pages whose bytes (up to the end of the file) all lie in [off, data)
+    // are holes: zeros, never read, nothing resident.
+    for (uint64_t p = div_up(off, ps); p < first + count && p * ps < std::min(data, end); ++p)
+      if (std::min((p + 1) * ps, base_size) <= data) hole[p - first] = 1;
     if (data >= end) break;
     int64_t h = source_->next_hole(data);
     if (h < 0) return static_cast<int>(h);
@@ -132,37 +203,54 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
   const uint64_t ps = page_size_;
   for (;;) {
     std::vector<uint64_t> mine;
-    bool others_loading = false;
+    std::vector<char> from_spill;
+    bool others_loading = false, from_source = false;
     for (uint64_t p = first; p < last; ++p) {
       PageState st = map_.state(p);
-      if (st == PageState::Absent && p * ps < cut_)
+      if ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled) {
         mine.push_back(p);
-      else if (is_loading(st))
+        from_spill.push_back(st == PageState::Spilled);
+        from_source |= st == PageState::Absent;
+      } else if (is_loading(st)) {
         others_loading = true;
+      }
     }
     if (mine.empty() && !others_loading) return 0;
     if (mine.empty()) {
       loaded_cv_.wait(lk);
       continue;
     }
-    if (conflict_) {
+    if (conflict_ && from_source) {
       log_error("%s: changed outside the mount while it has staged changes; "
                 "refusing to read pages of the new source (conflict)", name_.c_str());
       return -EIO;
     }
-    for (uint64_t p : mine) map_.set_state(p, PageState::Loading);
+    for (size_t i = 0; i < mine.size(); ++i) {
+      PageEntry* e = set_page_state(mine[i], PageState::Loading);
+      if (from_spill[i]) e->flags |= PageEntry::kFromSpill;
+    }
     const SourceIdentity expected = identity_;
     const uint64_t base_size = base_size_;
+    const int spill_fd = spill_fd_;
 
     // I/O with the lock released; I5: only we write these pages' bytes.
     lk.unlock();
     std::vector<char> hole(mine.size(), 0);
-    int rc = 0;
-    {
+    int rc = 0, spill_rc = 0;
+    for (size_t i = 0; i < mine.size(); ++i) {
+      if (!from_spill[i]) continue;
+      ssize_t n = pread(spill_fd, segment_.data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+      if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
+    }
+    if (from_source) {
       std::shared_lock gate(io_gate_);
       for (size_t i = 0; i < mine.size() && rc == 0;) {
+        if (from_spill[i]) {
+          ++i;
+          continue;
+        }
         size_t j = i + 1;
-        while (j < mine.size() && mine[j] == mine[j - 1] + 1) ++j;
+        while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
         std::vector<char> run_hole(j - i, 0);
         rc = load_run(mine[i], j - i, base_size, run_hole);
         std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
@@ -176,18 +264,44 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
     lk.lock();
 
     for (size_t i = 0; i < mine.size(); ++i) {
-      uint64_t p = mine[i];
-      if (rc < 0 || map_.state(p) == PageState::LoadingInvalidated) {
+      const uint64_t p = mine[i];
+      const bool invalidated = map_.state(p) == PageState::LoadingInvalidated;
+      if (from_spill[i]) {
+        if (invalidated) {
+          drop_page(p);
+          if (spill_fd_ >= 0)
+            fallocate(spill_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(p * ps), static_cast<off_t>(ps));
+        } else if (spill_rc < 0) {
+          set_page_state(p, PageState::Spilled);  // still staged in the spill file
+          segment_.punch(p * ps, ps);
+        } else {
+          set_page_state(p, PageState::Dirty)->flags |= PageEntry::kReferenced;
+        }
+      } else if (rc < 0 || invalidated) {
         drop_page(p);
       } else if (hole[i]) {
-        map_.set_state(p, PageState::Hole);
+        set_page_state(p, PageState::Hole);
         segment_.punch(p * ps, ps);
       } else {
-        map_.set_state(p, PageState::Clean);
+        set_page_state(p, PageState::Clean)->flags |= PageEntry::kReferenced;
       }
     }
     loaded_cv_.notify_all();
+    if (spill_rc < 0) {
+      log_error("%s: reading staged pages back from the spill file failed: %s", name_.c_str(),
+                std::strerror(-spill_rc));
+      return spill_rc;
+    }
     if (rc == -ESTALE) {
+      SourceIdentity now;
+      if (source_->identity(now) == 0 && now == identity_) {
+        // A short read of a source whose identity did not change: the file
+        // is shorter than its snapshot says. Never retry forever.
+        log_error("%s: the source is shorter than its snapshot (%llu bytes)", name_.c_str(),
+                  static_cast<unsigned long long>(base_size_));
+        return -EIO;
+      }
       if (!source_changed_locked()) return -EIO;
       continue;  // re-snapshotted: load from the new source
     }
@@ -221,7 +335,7 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   for (uint64_t p : all) {
     PageState st = map_.state(p);
     if (st == PageState::Loading)
-      map_.set_state(p, PageState::LoadingInvalidated);
+      set_page_state(p, PageState::LoadingInvalidated);
     else if (st != PageState::LoadingInvalidated)
       drop_page(p);
   }
@@ -259,7 +373,9 @@ ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
   char* seg = segment_.data();
   for (uint64_t p = first; p * ps < off + len; ++p) {
     uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
-    const char* src = is_resident(map_.state(p)) ? seg + a : kZeros + (a - p * ps);
+    PageEntry* e = map_.find(p);
+    if (e) e->flags |= PageEntry::kReferenced;
+    const char* src = e && is_resident(e->state) ? seg + a : kZeros + (a - p * ps);
     if (!out.empty() && static_cast<char*>(out.back().iov_base) + out.back().iov_len == src)
       out.back().iov_len += b - a;
     else
@@ -268,11 +384,38 @@ ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
   return static_cast<ssize_t>(len);
 }
 
+ssize_t File::read_into(uint64_t off, size_t len, char* out) {
+  const uint64_t ps = page_size_;
+  std::unique_lock lk(mutex_);
+  if (off >= size_ || len == 0) return 0;
+  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  int rc = ensure_loaded(lk, off / ps, div_up(off + len, ps));
+  if (rc < 0) return rc;
+  if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
+  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  copy_out_locked(off, len, out);
+  return static_cast<ssize_t>(len);
+}
+
+void File::copy_out_locked(uint64_t off, size_t len, char* out) {
+  const uint64_t ps = page_size_;
+  const char* seg = segment_.data();
+  for (uint64_t p = off / ps; p * ps < off + len; ++p) {
+    uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
+    PageEntry* e = map_.find(p);
+    if (e) e->flags |= PageEntry::kReferenced;
+    if (e && is_resident(e->state))
+      std::memcpy(out + (a - off), seg + a, b - a);
+    else
+      std::memset(out + (a - off), 0, b - a);
+  }
+}
+
 // ---------------------------------------------------------------- writing
 
 void File::dirty_clean_page(uint64_t page) {
   uint32_t h = hash32(page_bytes(page), page_size_);
-  PageEntry* e = map_.set_state(page, PageState::Dirty);
+  PageEntry* e = set_page_state(page, PageState::Dirty);
   e->has_base_hash = true;
   e->base_hash = h;
 }
@@ -297,7 +440,8 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
     for (uint64_t p = first; p < last && !busy; ++p) {
       PageState st = map_.state(p);
       bool partial = (p == first && off % ps) || (p == last - 1 && end % ps);
-      busy = is_loading(st) || (partial && st == PageState::Absent && p * ps < cut_);
+      busy = is_loading(st) ||
+             (partial && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled));
     }
     if (!busy) break;
     loaded_cv_.wait(lk);
@@ -311,6 +455,13 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
     const char* src = buf + (a - off);
     char* dst = seg + a;
     const PageState st = map_.state(p);
+    if (st == PageState::Spilled) {  // whole-page overwrite of a spilled page
+      PageEntry* e = set_page_state(p, PageState::Dirty);
+      e->flags |= PageEntry::kReferenced;
+      std::memcpy(dst, src, b - a);
+      if (!e->has_base_hash || hash32(seg + p * ps, ps) == e->base_hash) candidates.push_back(p);
+      continue;
+    }
     if (is_resident(st)) {
       if (std::memcmp(dst, src, b - a) == 0) {
         counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
@@ -319,9 +470,10 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
       if (st == PageState::Clean)
         dirty_clean_page(p);
       else if (st == PageState::Writeback)
-        map_.set_state(p, PageState::Dirty);
+        set_page_state(p, PageState::Dirty);
       std::memcpy(dst, src, b - a);
-      const PageEntry* e = map_.find(p);
+      PageEntry* e = map_.find(p);
+      e->flags = static_cast<uint8_t>((e->flags | PageEntry::kReferenced) & ~PageEntry::kSpilling);
       if (!e->has_base_hash || hash32(seg + p * ps, ps) == e->base_hash) candidates.push_back(p);
       continue;
     }
@@ -334,7 +486,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
       continue;
     }
     std::memcpy(dst, src, b - a);  // the rest of the page is zero (punched)
-    PageEntry* e = map_.set_state(p, PageState::Dirty);
+    PageEntry* e = set_page_state(p, PageState::Dirty);
     if (st == PageState::Hole || p * ps >= base_size_) {
       e->has_base_hash = true;  // the base is zeros
       e->base_hash = zero_hash;
@@ -347,6 +499,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
   if (end > size_) size_ = end;
   touch_staged();
   if (!candidates.empty()) settle_candidates(lk, candidates);
+  raise_cut_locked();
   return static_cast<ssize_t>(len);
 }
 
@@ -383,7 +536,7 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
     if (!e || e->state != PageState::Dirty) continue;
     const char* b = base.data() + i * ps;
     if (std::memcmp(page_bytes(p), b, ps) == 0) {
-      map_.set_state(p, PageState::Clean);
+      set_page_state(p, PageState::Clean)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
       counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
     } else {
       e->has_base_hash = true;
@@ -419,7 +572,8 @@ int File::truncate(uint64_t new_size) {
       if (st == PageState::Clean)
         dirty_clean_page(pp);
       else if (st == PageState::Writeback)
-        map_.set_state(pp, PageState::Dirty);
+        set_page_state(pp, PageState::Dirty);
+      map_.find(pp)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
       std::memset(tail, 0, tail_len);
     }
   }
@@ -428,7 +582,7 @@ int File::truncate(uint64_t new_size) {
                                  [](const PageEntry&) { return true; })) {
     PageState st = map_.state(p);
     if (st == PageState::Loading)
-      map_.set_state(p, PageState::LoadingInvalidated);
+      set_page_state(p, PageState::LoadingInvalidated);
     else if (st != PageState::LoadingInvalidated)
       drop_page(p);
   }
@@ -449,7 +603,10 @@ CommitPlan File::begin_commit() {
   plan.source_size = base_size_;
   plan.pages = map_.collect(0, div_up(size_, ps),
                             [](const PageEntry& e) { return e.state == PageState::Dirty; });
-  for (uint64_t p : plan.pages) map_.set_state(p, PageState::Writeback);
+  for (uint64_t p : plan.pages) set_page_state(p, PageState::Writeback);
+  plan.spilled = map_.collect(0, div_up(size_, ps),
+                              [](const PageEntry& e) { return e.state == PageState::Spilled; });
+  for (uint64_t p : plan.spilled) map_.find(p)->flags |= PageEntry::kCommitting;
   // Cut pages without an entry must read as zeros on the source.
   uint64_t zfirst = div_up(cut_, ps);
   uint64_t zlast = div_up(std::min(size_, base_size_), ps);
@@ -471,22 +628,41 @@ CommitPlan File::begin_commit() {
   return plan;
 }
 
-void File::end_commit(const CommitPlan& plan, bool ok, bool forced) {
+SourceIdentity File::identity() {
+  std::lock_guard lk(mutex_);
+  return identity_;
+}
+
+void File::mark_conflict() {
+  std::lock_guard lk(mutex_);
+  if (!conflict_)
+    log_error("%s: changed outside the mount during a sync (conflict): "
+              "`deferfs sync --force` writes the staged pages over it, "
+              "`deferfs discard` drops them", name_.c_str());
+  conflict_ = true;
+}
+
+void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours) {
   std::lock_guard lk(mutex_);
   for (uint64_t p : plan.pages) {
     PageEntry* e = map_.find(p);
     if (!e) continue;  // cut by a truncate meanwhile (not possible under commit_mutex)
     if (e->state == PageState::Writeback) {
-      map_.set_state(p, ok ? PageState::Clean : PageState::Dirty);
+      set_page_state(p, ok ? PageState::Clean : PageState::Dirty);
     } else if (ok && e->state == PageState::Dirty) {
       e->has_base_hash = false;  // the source holds whatever the commit wrote
     }
   }
-  SourceIdentity now;
-  if (source_->identity(now) == 0) {
-    // Our own writes changed the source's mtime; the snapshot follows them.
-    identity_ = now;
+  for (uint64_t p : plan.spilled) {
+    PageEntry* e = map_.find(p);
+    // Committed and untouched since: the source holds it now (p is below the
+    // new cut), so the spill copy goes.
+    if (ok && e && e->state == PageState::Spilled && (e->flags & PageEntry::kCommitting)) drop_page(p);
+    else if (e && e->state == PageState::Spilled) e->flags &= static_cast<uint8_t>(~PageEntry::kCommitting);
   }
+  // Our own writes changed the source's mtime; the snapshot follows them,
+  // but never an outside change (ours == nullptr then).
+  if (ours) identity_ = *ours;
   if (!ok) return;
   base_size_ = plan.final_size;
   cut_ = std::min(size_, plan.final_size);
@@ -507,7 +683,7 @@ uint64_t File::discard() {
   std::lock_guard cm(commit_mutex_);
   std::unique_lock lk(mutex_);
   uint64_t dropped = map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
-                     implicit_zero_pages_locked();
+                     map_.count(PageState::Spilled) + implicit_zero_pages_locked();
   const uint64_t beyond = div_up(base_size_, ps);
   for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(),
                                  [](const PageEntry& e) { return is_staged(e.state); }))
@@ -525,12 +701,100 @@ uint64_t File::discard() {
   return dropped;
 }
 
+// ---------------------------------------------------------------- memory
+
+uint64_t File::clean_pages() {
+  std::lock_guard lk(mutex_);
+  return map_.count(PageState::Clean);
+}
+
+uint64_t File::dirty_resident_pages() {
+  std::lock_guard lk(mutex_);
+  return map_.count(PageState::Dirty);
+}
+
+uint64_t File::evict_clean(uint64_t max_pages) {
+  const uint64_t ps = page_size_;
+  std::lock_guard lk(mutex_);
+  std::vector<uint64_t> victims;
+  // Two turns of the clock at most: the first clears reference bits.
+  size_t budget = map_.capacity() * 2;
+  while (victims.size() < max_pages && budget > 0) {
+    size_t step = std::min<size_t>(budget, 4096);
+    budget -= map_.sweep(clock_hand_, step, [&](uint64_t p, PageEntry& e) {
+      // A Clean page at or above the cut would read as zeros once Absent.
+      if (victims.size() >= max_pages || e.state != PageState::Clean || p * ps >= cut_) return;
+      if (e.flags & PageEntry::kReferenced)
+        e.flags &= static_cast<uint8_t>(~PageEntry::kReferenced);
+      else
+        victims.push_back(p);
+    });
+  }
+  for (uint64_t p : victims) drop_page(p);
+  counters_.evicted_bytes.fetch_add(victims.size() * ps, std::memory_order_relaxed);
+  return victims.size();
+}
+
+int64_t File::spill_dirty(uint64_t max_pages) {
+  const uint64_t ps = page_size_;
+  std::unique_lock lk(mutex_);
+  if (int rc = ensure_spill_file_locked(); rc < 0) return rc;
+  std::vector<uint64_t> victims = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
+    return e.state == PageState::Dirty && !(e.flags & PageEntry::kSpilling);
+  });
+  if (victims.size() > max_pages) victims.resize(max_pages);
+  if (victims.empty()) return 0;
+  for (uint64_t p : victims) map_.find(p)->flags |= PageEntry::kSpilling;
+  const int fd = spill_fd_;
+  lk.unlock();
+  // Copy out with the lock released; a write meanwhile clears kSpilling and
+  // the page then stays Dirty in memory (the copy is stale, never used).
+  int rc = 0;
+  for (size_t i = 0; i < victims.size() && rc == 0;) {
+    size_t j = i + 1;
+    while (j < victims.size() && j - i < 256 && victims[j] == victims[j - 1] + 1) ++j;
+    const char* from = page_bytes(victims[i]);
+    size_t len = (j - i) * ps;
+    for (size_t done = 0; done < len;) {
+      ssize_t n = pwrite(fd, from + done, len - done, static_cast<off_t>(victims[i] * ps + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        rc = n < 0 ? -errno : -EIO;
+        break;
+      }
+      done += static_cast<size_t>(n);
+    }
+    i = j;
+  }
+  lk.lock();
+  int64_t spilled = 0;
+  for (uint64_t p : victims) {
+    PageEntry* e = map_.find(p);
+    if (!e) continue;
+    bool intact = e->state == PageState::Dirty && (e->flags & PageEntry::kSpilling);
+    e->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
+    if (rc == 0 && intact) {
+      set_page_state(p, PageState::Spilled);
+      segment_.punch(p * ps, ps);
+      ++spilled;
+    }
+  }
+  if (rc < 0) {
+    log_error("%s: cannot spill staged pages to disk: %s; they stay in memory", name_.c_str(),
+              std::strerror(-rc));
+    return rc;
+  }
+  counters_.spilled_total_bytes.fetch_add(static_cast<uint64_t>(spilled) * ps, std::memory_order_relaxed);
+  return spilled;
+}
+
 File::Info File::info() {
   std::lock_guard lk(mutex_);
   Info i;
   i.size = size_;
   i.dirty_pages = map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
-                  implicit_zero_pages_locked();
+                  map_.count(PageState::Spilled) + implicit_zero_pages_locked();
+  i.spilled_pages = map_.count(PageState::Spilled);
   i.resident_pages = map_.count(PageState::Clean) + map_.count(PageState::Dirty) +
                      map_.count(PageState::Writeback);
   i.staged = has_staged_locked();

@@ -369,18 +369,29 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
   Handle* h = reinterpret_cast<Handle*>(fi->fh);
-  std::vector<iovec> iov;
-  ssize_t n = h->file->read(static_cast<uint64_t>(off), size, iov);
-  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
-  // iov points into the segment, which outlives this reply.
-  fuse_reply_iov(req, iov.data(), static_cast<int>(iov.size()));
+  Daemon& d = daemon_of(req);  // req is gone once replied to
+  // Copied out under the file's lock: eviction may free the pages as soon as
+  // it is released (see File::read_into).
+  thread_local std::vector<char> buf;
+  if (buf.size() < size) buf.resize(size);
+  ssize_t n = h->file->read_into(static_cast<uint64_t>(off), size, buf.data());
+  if (n < 0) {
+    fuse_reply_err(req, static_cast<int>(-n));
+  } else {
+    fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+  }
+  d.cache().balance(h->file.get());
 }
 
 void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
   Handle* h = reinterpret_cast<Handle*>(fi->fh);
+  Daemon& d = daemon_of(req);  // req is gone once replied to
   ssize_t n = h->file->write(buf, size, static_cast<uint64_t>(off));
-  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
-  fuse_reply_write(req, static_cast<size_t>(n));
+  if (n < 0)
+    fuse_reply_err(req, static_cast<int>(-n));
+  else
+    fuse_reply_write(req, static_cast<size_t>(n));
+  d.cache().balance(h->file.get());
 }
 
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }

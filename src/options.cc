@@ -18,7 +18,7 @@ constexpr uint64_t kMinPageSize = 4096;
 constexpr uint64_t kMaxPageSize = 2 << 20;
 
 // Options of later work: rejected, never accepted and ignored.
-constexpr std::string_view kNotYet[] = {"cache_size", "dirty_limit", "snapshot", "readahead"};
+constexpr std::string_view kNotYet[] = {"snapshot", "readahead"};
 
 // Standard mount and FUSE options without a value, passed to libfuse.
 constexpr std::string_view kFuseFlags[] = {
@@ -172,6 +172,15 @@ void apply_option(MountOptions& mo, const std::string& item) {
   const NameValue nv = split_option(item);
   if (one_of(nv.name, kNotYet)) throw UsageError("option '" + nv.name + "' is not supported yet");
   if (nv.name == "page_size") return set_page_size(mo, nv);
+  if (nv.name == "cache_size" || nv.name == "dirty_limit") {
+    require_value(nv);
+    const uint64_t n = parse_size(nv.value, nv.name);
+    // Below a few pages no workload can make progress.
+    if (n < (uint64_t{1} << 20))
+      throw UsageError("option '" + item + "': must be at least 1M");
+    (nv.name == "cache_size" ? mo.cache_size : mo.dirty_limit) = n;
+    return;
+  }
   if (nv.name == "fsync") return set_fsync(mo, nv);
   if (nv.name == "state_dir") return set_state_dir(mo, nv);
   if (nv.name == "ro") {
@@ -281,6 +290,19 @@ std::string default_state_dir() {
     return std::string(xdg) + "/deferfs";
   }
   return "/run/deferfs";
+}
+
+}  // namespace deferfs
+
+namespace deferfs {
+
+void resolve_memory_defaults(MountOptions& mo) {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const uint64_t ram = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page)
+                                             : uint64_t{1} << 30;
+  if (mo.cache_size == 0) mo.cache_size = ram / 2;
+  if (mo.dirty_limit == 0) mo.dirty_limit = ram / 4;
 }
 
 }  // namespace deferfs

@@ -32,8 +32,9 @@ PageState PageMap::state(uint64_t page) const {
   return e ? e->state : PageState::Absent;
 }
 
-void PageMap::grow() {
-  size_t new_cap = capacity_ ? capacity_ * 2 : 64;
+void PageMap::grow() { rehash(capacity_ ? capacity_ * 2 : 64); }
+
+void PageMap::rehash(size_t new_cap) {
   std::unique_ptr<Slot[]> old = std::move(slots_);
   size_t old_cap = capacity_;
   slots_ = std::make_unique<Slot[]>(new_cap);
@@ -60,6 +61,16 @@ void PageMap::erase_slot(size_t i) {
   slots_[gap].page = kEmpty;
   slots_[gap].e = PageEntry{};
   --used_;
+  // Shrink when at most 1/8 full, to the smallest table at most half full:
+  // the 1% bound holds on the way down too, and the next shrink needs the
+  // entries to quarter again (amortized O(1), no thrashing).
+  if (used_ == 0) {
+    clear();
+  } else if (capacity_ > 64 && used_ * 8 <= capacity_) {
+    size_t cap = 64;
+    while (cap < used_ * 2) cap *= 2;
+    rehash(cap);
+  }
 }
 
 PageEntry* PageMap::set_state(uint64_t page, PageState to) {
@@ -84,6 +95,8 @@ PageEntry* PageMap::set_state(uint64_t page, PageState to) {
     slots_[i].e = PageEntry{};
     ++used_;
   }
+  if (from == PageState::Spilled) slots_[i].e.flags &= static_cast<uint8_t>(~PageEntry::kCommitting);
+  if (from == PageState::Loading) slots_[i].e.flags &= static_cast<uint8_t>(~PageEntry::kFromSpill);
   slots_[i].e.state = to;
   return &slots_[i].e;
 }

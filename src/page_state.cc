@@ -14,6 +14,7 @@ const char* to_string(PageState s) {
     case PageState::Clean: return "Clean";
     case PageState::Dirty: return "Dirty";
     case PageState::Writeback: return "Writeback";
+    case PageState::Spilled: return "Spilled";
   }
   return "?";
 }
@@ -25,10 +26,12 @@ bool transition_allowed(PageState from, PageState to) {
     case S::Absent: return to == S::Loading || to == S::Hole || to == S::Dirty || to == S::Clean;
     case S::Hole: return to == S::Dirty || to == S::Absent || to == S::Clean;
     case S::Loading:
-      return to == S::Clean || to == S::Hole || to == S::LoadingInvalidated || to == S::Absent;
+      return to == S::Clean || to == S::Hole || to == S::Dirty || to == S::LoadingInvalidated ||
+             to == S::Absent || to == S::Spilled;
     case S::LoadingInvalidated: return to == S::Absent;
     case S::Clean: return to == S::Dirty || to == S::Absent || to == S::Hole;
-    case S::Dirty: return to == S::Clean || to == S::Writeback || to == S::Absent;
+    case S::Dirty: return to == S::Clean || to == S::Writeback || to == S::Absent || to == S::Spilled;
+    case S::Spilled: return to == S::Loading || to == S::Dirty || to == S::Absent;
     case S::Writeback: return to == S::Clean || to == S::Dirty || to == S::Absent;
   }
   return false;

@@ -125,6 +125,9 @@ void to_json(json& j, const StatsReport& r) {
            {"evicted_bytes", r.evicted_bytes},
            {"cache_limit_bytes", r.cache_limit_bytes},
            {"daemon_rss_bytes", r.daemon_rss_bytes},
+           {"dirty_limit_bytes", r.dirty_limit_bytes},
+           {"spilled_bytes", r.spilled_bytes},
+           {"spilled_total_bytes", r.spilled_total_bytes},
            {"pid", r.pid},
            {"source", r.source},
            {"mountpoint", r.mountpoint}};
@@ -144,6 +147,9 @@ void from_json(const json& j, StatsReport& r) {
   j.at("cache_limit_bytes").get_to(r.cache_limit_bytes);
   j.at("daemon_rss_bytes").get_to(r.daemon_rss_bytes);
   // Not in spec 2.1: tolerated when absent.
+  get_optional(j, "dirty_limit_bytes", r.dirty_limit_bytes);
+  get_optional(j, "spilled_bytes", r.spilled_bytes);
+  get_optional(j, "spilled_total_bytes", r.spilled_total_bytes);
   get_optional(j, "pid", r.pid);
   get_optional(j, "source", r.source);
   get_optional(j, "mountpoint", r.mountpoint);

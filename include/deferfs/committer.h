@@ -37,9 +37,11 @@ class Committer {
                     const Progress& progress = {});
 
  private:
-  // Writes one file's plan (the file's io_gate held exclusive). 0 or -errno.
-  int apply(File& file, const CommitPlan& plan, CommitResult& result, uint64_t& done,
-            uint64_t total, const Progress& progress);
+  // Writes one file's plan (the file's io_gate held exclusive). 0 or -errno;
+  // -ESTALE when the source changed outside the mount (unless `forced`).
+  // `ours` ends as the source's identity after our own last change.
+  int apply(File& file, const CommitPlan& plan, bool forced, SourceIdentity& ours,
+            CommitResult& result, uint64_t& done, uint64_t total, const Progress& progress);
 
   Counters& counters_;
   std::mutex sync_mutex_;  // one commit at a time; taken before any file's commit mutex

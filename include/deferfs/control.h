@@ -122,7 +122,8 @@ class ControlServer {
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
 
-  // Starts the accepting thread. Call once; later calls do nothing.
+  // Starts the accepting thread. Call once; later calls do nothing. Call it
+  // after daemonizing: threads do not survive fork() (fuse_daemonize).
   void start();
   // Stops accepting and asks every client thread to finish after its
   // current request. Does not wait; thread-safe; idempotent.

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "deferfs/cache.h"
 #include "deferfs/committer.h"
 #include "deferfs/control.h"
 #include "deferfs/file.h"
@@ -45,6 +46,7 @@ class Daemon final : public ControlHandler {
   const MountOptions& options() const { return opts_; }
   InodeTable& inodes() { return inodes_; }
   Counters& counters() { return counters_; }
+  Cache& cache() { return cache_; }
   // The File of a regular-file inode, created (snapshot taken) on first use.
   // `fresh` tells whether the kernel's cached pages of it may be kept.
   // Returns nullptr and sets `err` on failure.
@@ -77,6 +79,8 @@ class Daemon final : public ControlHandler {
   static bool matches(const std::string& rel, const std::vector<std::string>& paths);
   void notifier_loop();
   int unmount_now();
+  // Opens an anonymous spill file in the source's hidden .deferfs directory.
+  int open_spill_file();
 
   // constant after construction
   const MountOptions opts_;
@@ -85,6 +89,8 @@ class Daemon final : public ControlHandler {
   Counters counters_;
   InodeTable inodes_;
   Committer committer_;
+  Cache cache_;
+  const int source_root_fd_;  // the source root (O_PATH); owned by inodes_
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::unique_ptr<ControlServer> control_;
   bool discard_on_exit_ = false;  // set by umount --discard before unmounting

@@ -45,12 +45,18 @@
 
 namespace deferfs {
 
-// Mount-wide counters (spec 2.1). Relaxed atomics: figures, not invariants.
+// Mount-wide counters (spec 2.1) and the memory accounting the Cache
+// balances. Relaxed atomics: figures, not invariants. Files update the
+// *_bytes gauges on every page state change (File::set_page_state).
 struct Counters {
   std::atomic<uint64_t> loaded_bytes{0};
   std::atomic<uint64_t> skipped_pages{0};
   std::atomic<uint64_t> synced_bytes{0};
   std::atomic<uint64_t> evicted_bytes{0};
+  std::atomic<uint64_t> spilled_total_bytes{0};  // moved to spill files since mount
+  std::atomic<int64_t> clean_bytes{0};           // gauge: Clean pages in segments
+  std::atomic<int64_t> dirty_mem_bytes{0};       // gauge: Dirty/Writeback pages in segments
+  std::atomic<int64_t> spilled_bytes{0};         // gauge: Spilled pages on disk
 };
 
 // Pages of one file that a commit must write, taken by File::begin_commit.
@@ -58,11 +64,14 @@ struct CommitPlan {
   uint64_t final_size = 0;            // the size the source must end with
   uint64_t source_size = 0;           // the source's size when the plan was made
   std::vector<uint64_t> pages;        // Writeback pages (sorted), bytes in the segment
+  std::vector<uint64_t> spilled;      // Spilled pages (sorted), bytes in the spill file
   // Runs (first page, count) of cut pages below min(final, source) size that
   // have no entry: they must read as zeros on the source.
   std::vector<std::pair<uint64_t, uint64_t>> zero_runs;
   bool size_change() const { return final_size != source_size; }
-  bool empty() const { return pages.empty() && zero_runs.empty() && !size_change(); }
+  bool empty() const {
+    return pages.empty() && spilled.empty() && zero_runs.empty() && !size_change();
+  }
 };
 
 struct CommitResult {
@@ -87,7 +96,13 @@ class File {
   // (valid for the File's life) or into a static zero page, and returns the
   // byte count (short at end of file). Returns -errno on failure (EIO for a
   // conflict, the source's errno for a failed load).
+  // The pointers are valid only until the pages are evicted: for tests and
+  // single-threaded use. The FUSE layer uses read_into.
   ssize_t read(uint64_t off, size_t len, std::vector<iovec>& out);
+
+  // Like read, but copies the bytes into `out` (at least `len` bytes) under
+  // the lock, so eviction can never free them mid-reply.
+  ssize_t read_into(uint64_t off, size_t len, char* out);
 
   // Stages a write. Pages whose bytes do not change are counted as skipped
   // and stay as they were. Returns `len` or -errno.
@@ -116,16 +131,39 @@ class File {
   // was written, the snapshot takes the source's new identity. !ok:
   // Writeback pages go back to Dirty, nothing is lost.
   // `forced`: the commit went over a changed source (sync --force).
-  void end_commit(const CommitPlan& plan, bool ok, bool forced);
+  // `ours`: the source's identity as the commit left it (nullptr when an
+  // outside change was seen during the commit: the snapshot then keeps its
+  // old identity and the file is in conflict).
+  void end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours);
+  // The snapshot's source identity.
+  SourceIdentity identity();
+  // Marks the file in conflict (an outside change seen by a commit).
+  void mark_conflict();
   // Source and segment for the committer's I/O (between begin and end).
   Source& source() { return *source_; }
   const char* page_bytes(uint64_t page) const;
+  // Reads a Spilled page's staged bytes from the spill file. 0 or -errno.
+  int read_spilled(uint64_t page, char* out);
   uint64_t page_size() const { return page_size_; }
   std::shared_mutex& io_gate() { return io_gate_; }
 
   // Drops every staged page and size change; the file shows its snapshot
   // again. Takes commit_mutex_ itself. Returns the number of pages dropped.
   uint64_t discard();
+
+  // ---- memory (called by Cache, no lock held by the caller) ----
+
+  // Frees up to `max_pages` Clean pages chosen by the clock (pages touched
+  // since the hand last passed get a second chance). Returns pages freed.
+  uint64_t evict_clean(uint64_t max_pages);
+  // Moves up to `max_pages` Dirty pages to the spill file (I/O with the lock
+  // released). Returns pages spilled, or -errno if the spill file failed.
+  int64_t spill_dirty(uint64_t max_pages);
+  // How the file gets its spill file: returns an fd (owned by the File from
+  // then on) or -errno. Without it, nothing is spilled.
+  void set_spill_opener(std::function<int()> opener);
+  uint64_t clean_pages();
+  uint64_t dirty_resident_pages();
 
   // ---- figures ----
   struct Info {
@@ -137,6 +175,7 @@ class File {
     struct timespec staged_mtime = {};  // time of the last staged change
     uint64_t map_bytes = 0;       // page map allocation
     uint64_t resident_bytes = 0;  // segment memory as the kernel counts it
+    uint64_t spilled_pages = 0;   // staged pages in the spill file
   };
   Info info();
   const std::string& name() const { return name_; }
@@ -170,6 +209,14 @@ class File {
   // against the source (lock dropped for the read) and make equal ones Clean.
   void settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
   bool page_is_zero(uint64_t page) const;
+  // Every page state change goes through here: keeps the Counters' gauges.
+  PageEntry* set_page_state(uint64_t page, PageState to);
+  // Raises cut_ over pages that have an entry (their content does not depend
+  // on the cut), so they can be evicted and reloaded from the source.
+  void raise_cut_locked();
+  // Copies [off, off+len) (resident pages already ensured) into out.
+  void copy_out_locked(uint64_t off, size_t len, char* out);
+  int ensure_spill_file_locked();
   uint64_t page_hash(uint64_t page) const;
   void drop_page(uint64_t page);  // to Absent, punching its memory
   void touch_staged();
@@ -195,6 +242,9 @@ class File {
   bool conflict_ = false;              // guarded
   struct timespec staged_mtime_ = {};  // guarded
   std::function<void()> invalidate_hook_;  // guarded
+  std::function<int()> spill_opener_;      // guarded
+  int spill_fd_ = -1;                      // guarded (set once); owned
+  size_t clock_hand_ = 0;                  // guarded
 };
 
 }  // namespace deferfs

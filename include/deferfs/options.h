@@ -19,6 +19,10 @@ struct MountOptions {
   uint64_t page_size = 4096;
   FsyncMode fsync = FsyncMode::Commit;
   bool read_only = false;
+  // Memory limits (spec 3, 7.2); 0 until resolved: half of RAM and a quarter
+  // of RAM by default (resolve_memory_defaults).
+  uint64_t cache_size = 0;
+  uint64_t dirty_limit = 0;
   std::string state_dir;    // default: $XDG_RUNTIME_DIR/deferfs or /run/deferfs
   bool allow_other = false;
   bool default_permissions = false;
@@ -40,10 +44,14 @@ uint64_t parse_size(const std::string& text, const std::string& what);
 // Parses argv of the mount form (after "deferfs" and an optional "mount"):
 // SOURCE MOUNTPOINT [-o OPTS]... [-f] [-d], options anywhere. Checks that
 // SOURCE and MOUNTPOINT exist and are directories and resolves them.
-// Options that belong to later work (cache_size, dirty_limit, snapshot,
-// readahead) are rejected as "not supported yet".
+// Options that belong to later work (snapshot, readahead) are rejected as
+// "not supported yet".
 MountOptions parse_mount_args(const std::vector<std::string>& args);
 
 std::string default_state_dir();
+
+// Fills cache_size / dirty_limit left at 0 with their defaults (half and a
+// quarter of physical memory).
+void resolve_memory_defaults(MountOptions& mo);
 
 }  // namespace deferfs

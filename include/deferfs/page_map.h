@@ -5,7 +5,8 @@
 // would each allocate a whole leaf. An open-addressing table (linear probing,
 // backward-shift deletion, no tombstones) costs 16 bytes per slot and stays
 // between 7/16 and 7/8 full, so at most ~37 bytes per resident 4 KiB page
-// (0.9%); nothing is allocated for untouched ranges; lookup is O(1).
+// (0.9%); it shrinks again when 1/8 full; nothing is allocated for untouched
+// ranges; lookup is O(1).
 // Offset-ordered walks (sync, truncate) sort the pages they collect.
 //
 // Not thread-safe: the owning File guards it with its mutex. Entry pointers
@@ -23,11 +24,18 @@
 namespace deferfs {
 
 struct PageEntry {
+  // Bits of `flags`.
+  static constexpr uint8_t kReferenced = 1;   // touched since the clock hand last passed (eviction)
+  static constexpr uint8_t kFromSpill = 2;    // Loading: the bytes come from the spill file
+  static constexpr uint8_t kSpilling = 4;     // Dirty: being copied to the spill file; a write clears it
+  static constexpr uint8_t kCommitting = 8;   // Spilled: a sync is committing it; leaving Spilled clears it
+
   PageState state = PageState::Absent;
   // True when base_hash holds the low 32 bits of xxh3-64 of the snapshot's
   // bytes of this page (a hint: equality is always confirmed byte for byte).
   bool has_base_hash = false;
-  uint16_t reserved = 0;
+  uint8_t flags = 0;
+  uint8_t reserved = 0;
   uint32_t base_hash = 0;
 };
 static_assert(sizeof(PageEntry) == 8, "page entries must stay small (spec 7.1)");
@@ -54,6 +62,13 @@ class PageMap {
   template <typename Pred>
   std::vector<uint64_t> collect(uint64_t first, uint64_t last, Pred&& pred) const;
 
+  // The eviction clock: visits up to `max_slots` slots from `hand` (advanced,
+  // wrapping), calling f(page, PageEntry&) on each entry; f may change flags,
+  // not the state. Returns the number of slots visited.
+  template <typename F>
+  size_t sweep(size_t& hand, size_t max_slots, F&& f);
+  size_t capacity() const { return capacity_; }
+
   // Number of pages in each state (Absent is not counted).
   uint64_t count(PageState s) const { return counts_[static_cast<int>(s)]; }
   uint64_t entries() const { return used_; }
@@ -71,6 +86,7 @@ class PageMap {
   // Index of `page`'s slot, or of the free slot where it would go.
   size_t probe(uint64_t page) const;
   void grow();
+  void rehash(size_t new_cap);
   void erase_slot(size_t i);
 
   std::unique_ptr<Slot[]> slots_;
@@ -78,6 +94,18 @@ class PageMap {
   size_t used_ = 0;
   uint64_t counts_[kPageStateCount] = {};
 };
+
+template <typename F>
+size_t PageMap::sweep(size_t& hand, size_t max_slots, F&& f) {
+  if (capacity_ == 0) return 0;
+  size_t n = std::min(max_slots, capacity_);
+  for (size_t k = 0; k < n; ++k) {
+    hand &= capacity_ - 1;
+    Slot& s = slots_[hand++];
+    if (s.page != kEmpty) f(s.page, s.e);
+  }
+  return n;
+}
 
 template <typename Pred>
 std::vector<uint64_t> PageMap::collect(uint64_t first, uint64_t last, Pred&& pred) const {

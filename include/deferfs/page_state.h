@@ -35,9 +35,13 @@ enum class PageState : uint8_t {
   // write in the meantime moves it back to Dirty; the sync's completion moves
   // it to Clean only if it is still Writeback.
   Writeback,
+  // Staged bytes that were moved out of memory into the file's spill file
+  // (dirty_limit, spec 7.2), at the page's own offset. Still staged: reads
+  // load it back (Loading, then Dirty), sync commits it from the spill file.
+  Spilled,
 };
 
-inline constexpr int kPageStateCount = 7;
+inline constexpr int kPageStateCount = 8;
 
 const char* to_string(PageState s);
 
@@ -47,7 +51,7 @@ constexpr bool is_resident(PageState s) {
 }
 // True if the page holds staged bytes that sync must consider.
 constexpr bool is_staged(PageState s) {
-  return s == PageState::Dirty || s == PageState::Writeback;
+  return s == PageState::Dirty || s == PageState::Writeback || s == PageState::Spilled;
 }
 constexpr bool is_loading(PageState s) {
   return s == PageState::Loading || s == PageState::LoadingInvalidated;
@@ -58,12 +62,17 @@ constexpr bool is_loading(PageState s) {
 //               past the cut mark), Clean (a write past the cut that equals the
 //               snapshot)
 //   Hole     -> Dirty (a write), Absent (truncate/discard/resnapshot), Clean
-//   Loading  -> Clean | Hole (load done), LoadingInvalidated, Absent (load failed)
+//   Loading  -> Clean | Hole (load done), Dirty (loaded back from the spill
+//               file), LoadingInvalidated, Absent (load failed), Spilled
+//               (loading back from the spill file failed: still staged there)
 //   LoadingInvalidated -> Absent (loader discards)
 //   Clean    -> Dirty (a write that changes bytes), Absent (evict, truncate,
 //               resnapshot), Hole
 //   Dirty    -> Clean (compared equal to the snapshot again, or discard
-//               reloaded), Writeback (sync copied it), Absent (truncate, discard)
+//               reloaded), Writeback (sync copied it), Absent (truncate, discard),
+//               Spilled (moved to the spill file)
+//   Spilled  -> Loading (read back), Dirty (overwritten whole), Absent
+//               (truncate, discard, committed)
 //   Writeback-> Clean (sync done), Dirty (written during sync, or sync failed),
 //               Absent (truncate during sync)
 bool transition_allowed(PageState from, PageState to);

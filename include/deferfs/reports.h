@@ -64,6 +64,10 @@ struct StatsReport {
   uint64_t evicted_bytes = 0;
   uint64_t cache_limit_bytes = 0;
   uint64_t daemon_rss_bytes = 0;
+  // Beyond spec 2.1: the staged-memory limit and spill figures (spec 7.2).
+  uint64_t dirty_limit_bytes = 0;
+  uint64_t spilled_bytes = 0;        // staged bytes now in spill files
+  uint64_t spilled_total_bytes = 0;  // staged bytes moved to spill files since mount
   // Not in spec 2.1, added for people: who serves the mount.
   int64_t pid = 0;
   std::string source;

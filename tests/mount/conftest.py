@@ -11,8 +11,8 @@ the FUSE connection so that a hung request cannot hang the suite.
 import json
 import os
 import re
-import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -341,10 +341,30 @@ def mount_factory(tmp_path, request):
         print(m.log())
         for n in notes:
             print("cleanup:", n)
+    _drop_big_files(tmp_path)
     if dog.fired:
         pytest.fail(f"test overran {TEST_DEADLINE}s: the watchdog killed the daemons")
     leftover = [p for p in problems if "STILL MOUNTED" in p or "did not die" in p]
     assert not leftover, leftover
+
+
+def _drop_big_files(top, limit=1 << 20):
+    """Removes the test's large data files (pytest keeps the last runs' tmp dirs),
+    never crossing into another file system and never while something is mounted below."""
+    top = str(top)
+    if any(e["mountpoint"].startswith(top + "/") for e in mountinfo() if e["fstype"] == FSTYPE):
+        return
+    dev = os.lstat(top).st_dev
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(root, d)).st_dev == dev]
+        for name in files:
+            p = os.path.join(root, name)
+            try:
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_dev == dev and st.st_blocks * 512 > limit:
+                    os.unlink(p)
+            except OSError:
+                pass
 
 
 @pytest.fixture

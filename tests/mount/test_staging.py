@@ -5,7 +5,6 @@ and dies with the last handle of an unlinked file."""
 
 import os
 import random
-import shutil
 import subprocess
 
 import pytest
@@ -343,6 +342,19 @@ def test_unlink_of_one_hard_link_keeps_staged_data(mount_factory, tmp_path):
     assert read_file(m.s("b")) == b"y" * PAGE
 
 
+def test_status_names_surviving_link_after_unlink(mount_factory, tmp_path):
+    """Staged data of a file whose first name was unlinked is reported under the
+    name it still has (git writes objects as tmp_obj_*, links, unlinks)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_file(src / "a", b"x" * PAGE)
+    os.link(src / "a", src / "b")
+    m = mount_factory()
+    pwrite(m.m("a"), b"y" * PAGE, 0)
+    os.unlink(m.m("a"))
+    assert [f["path"] for f in m.status()["files"]] == ["b"]
+
+
 def test_partial_page_write_keeps_other_bytes(f64):
     m, orig = f64
     off = 300 * PAGE + 1234
@@ -400,3 +412,17 @@ def test_namespace_op_on_staged_file_keeps_it_staged(f64, op):
     r = m.sync()
     assert r.json["pages_written"] == 1 and r.json["conflicts"] == [], r.json
     assert pread(m.s(name), PAGE, 7 * PAGE) == new
+
+
+def test_utime_on_staged_file_is_kept(f64):
+    """`cp -p`, rsync and tar set mtime after writing. Through the mount the set
+    time must show at once, and survive the commit of the staged data."""
+    m, _ = f64
+    pwrite(m.m("f.bin"), os.urandom(PAGE), 0)
+    when = 1_500_000_000_123_456_789
+    os.utime(m.m("f.bin"), ns=(when, when))
+    assert os.stat(m.m("f.bin")).st_mtime_ns == when, "stat through the mount ignores utime on a staged file"
+    r = m.sync()
+    assert r.json["pages_written"] == 1, r.json
+    assert os.stat(m.s("f.bin")).st_mtime_ns == when, "sync clobbered the mtime set through the mount"
+    assert os.stat(m.m("f.bin")).st_mtime_ns == when

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <future>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -366,6 +367,92 @@ TEST_F(CommitterTest, ConflictIsRefusedAndForceWritesIt) {
   EXPECT_FALSE(file->has_staged());
   // The mount now shows the new source plus the committed page.
   EXPECT_EQ(read_or_fail(*file, 0, 16 * kPage), want);
+}
+
+// Reads [off, off+len) of f on another thread, giving up after 5 s (then
+// the fake fails every read so that a spinning loader stops, and the thread
+// is joined). Returns false on timeout.
+bool read_with_deadline(File& f, FakeSource& fake, uint64_t off, size_t len, ssize_t& n,
+                        std::vector<char>& out) {
+  std::promise<void> done;
+  auto fut = done.get_future();
+  std::thread t([&] {
+    n = testing::read_bytes(f, off, len, out);
+    done.set_value();
+  });
+  bool ok = fut.wait_for(5s) == std::future_status::ready;
+  if (!ok) fake.fail_reads(EIO, -1);
+  t.join();
+  fake.clear_failures();
+  return ok;
+}
+
+// sync --force over a source that shrank from outside. Whatever size the
+// forced sync settles on, afterwards the file (nothing staged) must show
+// exactly what the source holds, and reads must complete.
+TEST_F(CommitterTest, ForcedSyncOverAShrunkSourceLeavesTheFileEqualToTheSource) {
+  open_numbered(8);
+  dirty_page(1, 'S');
+  fake->outside_truncate(4 * kPage);
+  SyncReport r = sync(/*force=*/true);
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(file->has_staged());
+  EXPECT_FALSE(file->in_conflict());
+  const uint64_t size = file->info().size;
+  EXPECT_EQ(size, fake->size()) << "the file and its source disagree on the size after a sync";
+  ssize_t n = 0;
+  std::vector<char> out;
+  ASSERT_TRUE(read_with_deadline(*file, *fake, 0, size, n, out))
+      << "a read of the synced file never returned (0.." << size << ")";
+  EXPECT_EQ(n, static_cast<ssize_t>(size));
+  EXPECT_EQ(out, fake->bytes(0, size));
+}
+
+// Spec 5.2, "stale data is never served silently": the source changes from
+// outside after sync has checked it but before sync writes. The sync must
+// not adopt the changed source as its own doing while the file keeps
+// serving pages of the old version.
+TEST_F(CommitterTest, OutsideChangeDuringSyncIsNotAdoptedSilently) {
+  open_numbered(16);
+  read_or_fail(*file, 9 * kPage, kPage);  // page 9 resident, Clean
+  dirty_page(4, 'S');
+  fake->gate_on(4 * kPage, kPage);        // hold sync at its compare-read of page 4
+  auto syncing = std::async(std::launch::async, [&] { return sync(); });
+  ASSERT_TRUE(fake->wait_blocked(1));
+  fake->outside_write(9 * kPage, testing::filled(kPage, 'O'));
+  fake->gate_off();
+  SyncReport r = syncing.get();
+
+  // Acceptable: the sync refuses (conflict), or the file notices the change
+  // (conflict, EIO, or shows the new bytes). Not acceptable: old bytes of
+  // page 9 served while the file says its snapshot is unchanged.
+  std::vector<char> out;
+  ssize_t n = testing::read_bytes(*file, 9 * kPage, kPage, out);
+  const bool stale = n == static_cast<ssize_t>(kPage) && out == pattern_bytes(9 * kPage, kPage);
+  const File::Validity v = file->revalidate();
+  EXPECT_FALSE(stale && v == File::Validity::Unchanged && r.ok())
+      << "page 9 serves the old bytes, the source holds 'O' there, the sync reported success "
+         "and revalidate() says Unchanged";
+}
+
+// A long run of dirty pages is written in a few large writes (1 MiB batches).
+TEST_F(CommitterTest, LongRunIsWrittenInLargeWrites) {
+  open_numbered(1024);
+  auto buf = testing::filled(300 * kPage, 'L');
+  ASSERT_EQ(file->write(buf.data(), buf.size(), 100 * kPage), static_cast<ssize_t>(buf.size()));
+  fake->reset_stats();
+  SyncReport r = sync();
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.pages_written, 300u);
+  EXPECT_EQ(r.bytes_written, 300 * kPage);
+  EXPECT_LE(fake->stats().writes, 2u);
+  uint64_t next = 100 * kPage;
+  for (const auto& w : fake->write_log()) {
+    EXPECT_EQ(w.off, next);
+    next = w.off + w.len;
+  }
+  EXPECT_EQ(next, 400 * kPage);
+  EXPECT_EQ(fake->bytes(100 * kPage, 300 * kPage), buf);
 }
 
 TEST_F(CommitterTest, OneFailingFileDoesNotStopTheOthers) {

@@ -114,6 +114,23 @@ TEST_F(FileTest, ReadsLoadOnlyTouchedPages) {
   EXPECT_LE(info().map_bytes, 64u * 16u);
 }
 
+// read_into (the copy the FUSE layer replies from) sees what read sees.
+TEST_F(FileTest, ReadIntoCopiesTheSameBytes) {
+  auto src = FakeSource::numbered(8 * kPage + 300);
+  src->add_hole(2 * kPage, kPage);
+  open_with(std::move(src));
+  ASSERT_EQ(file->write("xyz", 3, 5 * kPage + 1), 3);
+  const uint64_t size = 8 * kPage + 300;
+  std::vector<char> buf(size + 1000, 'U');
+  ASSERT_EQ(file->read_into(0, size + 1000, buf.data()), static_cast<ssize_t>(size));
+  buf.resize(size);
+  EXPECT_EQ(buf, read_or_fail(*file, 0, size));
+  std::vector<char> tail(100, 'U');
+  EXPECT_EQ(file->read_into(size - 50, 100, tail.data()), 50);
+  EXPECT_EQ(std::vector<char>(tail.begin(), tail.begin() + 50), pattern_bytes(size - 50, 50));
+  EXPECT_EQ(file->read_into(size, 10, tail.data()), 0);
+}
+
 TEST_F(FileTest, ReadAtAndPastTheEnd) {
   open_numbered(2, 1000);  // 9192 bytes
   std::vector<char> out;
@@ -275,6 +292,72 @@ TEST_F(FileTest, LoadRacingAnOutsideChangeWithStagedPagesFailsWithEio) {
   EXPECT_TRUE(file->in_conflict());
   EXPECT_EQ(info().resident_pages, 1u) << "the stale page must not stay resident";
   EXPECT_EQ(read_or_fail(*file, 0, kPage), testing::filled(kPage, 'W'));
+}
+
+// A load that fails wakes its waiters; they retry and load the page themselves.
+TEST_F(FileTest, WaitersRetryAfterAFailedLoad) {
+  open_numbered(8);
+  fake->gate_on();
+  auto first = std::async(std::launch::async, [&] {
+    std::vector<char> out;
+    return read_bytes(*file, 3 * kPage, kPage, out);
+  });
+  ASSERT_TRUE(fake->wait_blocked(1));
+  auto second = std::async(std::launch::async, [&] { return read_or_fail(*file, 3 * kPage, kPage); });
+  EXPECT_EQ(second.wait_for(kSettle), std::future_status::timeout);
+  fake->fail_reads(EIO, 1);  // the held load fails when it goes on
+  fake->gate_off();
+  EXPECT_EQ(first.get(), -EIO);
+  EXPECT_EQ(second.get(), pattern_bytes(3 * kPage, kPage));
+  EXPECT_EQ(fake->stats().reads, 2u);
+  EXPECT_EQ(info().resident_pages, 1u);
+}
+
+// A truncate that cuts a page while it is being loaded: the load's bytes are
+// thrown away (LoadingInvalidated) and the cut page reads as zeros after an
+// extend.
+TEST_F(FileTest, TruncateDuringALoadThrowsTheLoadAway) {
+  open_numbered(8);
+  fake->gate_on(6 * kPage, kPage);
+  auto reader = std::async(std::launch::async, [&] {
+    std::vector<char> out;
+    ssize_t n = read_bytes(*file, 6 * kPage, kPage, out);
+    return std::make_pair(n, out);
+  });
+  ASSERT_TRUE(fake->wait_blocked(1));
+  auto cutter = std::async(std::launch::async, [&] {
+    int rc = file->truncate(2 * kPage);
+    if (rc == 0) rc = file->truncate(8 * kPage);
+    return rc;
+  });
+  ASSERT_EQ(cutter.wait_for(5s), std::future_status::ready) << "truncate waited for a load";
+  EXPECT_EQ(cutter.get(), 0);
+  fake->gate_off();
+  auto [n, out] = reader.get();
+  // The reader either saw the file before the cut (the page's bytes) or
+  // after it (zeros); never anything else.
+  ASSERT_EQ(n, static_cast<ssize_t>(kPage));
+  EXPECT_TRUE(out == zeros(kPage) || out == pattern_bytes(6 * kPage, kPage));
+  EXPECT_EQ(read_or_fail(*file, 6 * kPage, kPage), zeros(kPage));
+  EXPECT_EQ(read_or_fail(*file, 0, 2 * kPage), pattern_bytes(0, 2 * kPage));
+  EXPECT_EQ(info().resident_pages, 2u) << "pages 0 and 1; the invalidated load left nothing";
+}
+
+// The source shrank from outside while a page past its new end was loading:
+// with nothing staged the file is re-snapshotted and the read sees the new end.
+TEST_F(FileTest, LoadRacingAnOutsideShrinkSeesTheNewEnd) {
+  open_numbered(8);
+  fake->gate_on(6 * kPage, kPage);
+  auto reader = std::async(std::launch::async, [&] {
+    std::vector<char> out;
+    return read_bytes(*file, 6 * kPage, kPage, out);
+  });
+  ASSERT_TRUE(fake->wait_blocked(1));
+  fake->outside_truncate(2 * kPage);
+  fake->gate_off();
+  ASSERT_EQ(reader.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(reader.get(), 0);
+  EXPECT_EQ(info().size, 2 * kPage);
 }
 
 // ---------------------------------------------------------------- writing

@@ -192,8 +192,22 @@ TEST_F(MountArgs, StateDir) {
   expect_option_error("state_dir=", {"state_dir", "value"});
 }
 
+TEST_F(MountArgs, MemoryLimitsAreParsed) {
+  MountOptions mo = parse_mount_args({src_.string(), mnt_.string(), "-o", "cache_size=256M,dirty_limit=128M"});
+  EXPECT_EQ(mo.cache_size, uint64_t{256} << 20);
+  EXPECT_EQ(mo.dirty_limit, uint64_t{128} << 20);
+  expect_option_error("cache_size=abc", {"cache_size"});
+  expect_option_error("dirty_limit=100k", {"dirty_limit", "at least 1M"});
+  expect_option_error("cache_size", {"cache_size"});
+  MountOptions defaults = parse_mount_args({src_.string(), mnt_.string()});
+  EXPECT_EQ(defaults.cache_size, 0u);
+  resolve_memory_defaults(defaults);
+  EXPECT_GT(defaults.cache_size, defaults.dirty_limit);
+  EXPECT_GT(defaults.dirty_limit, 0u);
+}
+
 TEST_F(MountArgs, LaterOptionsAreRejectedNotIgnored) {
-  for (const char* name : {"cache_size", "dirty_limit", "snapshot", "readahead"}) {
+  for (const char* name : {"snapshot", "readahead"}) {
     expect_option_error(std::string(name) + "=1M", {std::string("option '") + name + "' is not supported yet"});
     expect_option_error(name, {std::string("option '") + name + "' is not supported yet"});
   }

@@ -96,8 +96,9 @@ TEST(PageMap, SparseIndexes) {
   for (uint64_t p : pages) {
     ASSERT_NE(m.find(p), nullptr) << p;
     EXPECT_EQ(m.state(p), S::Clean) << p;
-    if (std::find(pages.begin(), pages.end(), p + 1) == pages.end())
+    if (std::find(pages.begin(), pages.end(), p + 1) == pages.end()) {
       EXPECT_EQ(m.find(p + 1), nullptr) << p + 1;
+    }
   }
   EXPECT_EQ(m.find(uint64_t{1} << 41), nullptr);
   EXPECT_EQ(m.find(2), nullptr);
@@ -237,8 +238,9 @@ TEST(PageMap, RandomOrderDeletionKeepsTheRestFindable) {
   for (size_t i = 0; i < pages.size(); ++i) {
     m.set_state(pages[i], S::Absent);
     ASSERT_EQ(m.find(pages[i]), nullptr);
-    if (i % 97 == 0 || i + 10 > pages.size())
+    if (i % 97 == 0 || i + 10 > pages.size()) {
       for (size_t k = i + 1; k < pages.size(); ++k) ASSERT_NE(m.find(pages[k]), nullptr) << k;
+    }
   }
   EXPECT_EQ(m.entries(), 0u);
   EXPECT_EQ(m.count(S::Clean), 0u);
@@ -264,7 +266,9 @@ TEST(PageMap, MemoryPerEntryStaysUnderOnePercentWhileGrowing) {
   PageMap d;
   for (uint64_t p = 0; p < 300000; ++p) {
     make_clean(d, p);
-    if (p + 1 >= 64) ASSERT_LE(d.memory_bytes(), 40 * (p + 1)) << p + 1 << " entries";
+    if (p + 1 >= 64) {
+      ASSERT_LE(d.memory_bytes(), 40 * (p + 1)) << p + 1 << " entries";
+    }
   }
 }
 

@@ -14,11 +14,11 @@ namespace {
 
 using S = PageState;
 
-constexpr S kAll[] = {S::Absent, S::Hole,  S::Loading,  S::LoadingInvalidated,
-                      S::Clean,  S::Dirty, S::Writeback};
+constexpr S kAll[] = {S::Absent, S::Hole,      S::Loading, S::LoadingInvalidated,
+                      S::Clean,  S::Dirty,     S::Writeback, S::Spilled};
 static_assert(sizeof(kAll) / sizeof(kAll[0]) == kPageStateCount);
 
-// Transitioned word for word from the comment above transition_allowed().
+// Copied word for word from the comment above transition_allowed().
 const std::set<std::pair<S, S>>& allowed_by_comment() {
   static const std::set<std::pair<S, S>> table = {
       // Absent -> Loading, Hole, Dirty, Clean
@@ -30,21 +30,29 @@ const std::set<std::pair<S, S>>& allowed_by_comment() {
       {S::Hole, S::Dirty},
       {S::Hole, S::Absent},
       {S::Hole, S::Clean},
-      // Loading -> Clean | Hole, LoadingInvalidated, Absent
+      // Loading -> Clean | Hole, Dirty (from the spill file),
+      //            LoadingInvalidated, Absent, Spilled (spill read failed)
       {S::Loading, S::Clean},
       {S::Loading, S::Hole},
+      {S::Loading, S::Dirty},
       {S::Loading, S::LoadingInvalidated},
       {S::Loading, S::Absent},
+      {S::Loading, S::Spilled},
       // LoadingInvalidated -> Absent
       {S::LoadingInvalidated, S::Absent},
       // Clean -> Dirty, Absent, Hole
       {S::Clean, S::Dirty},
       {S::Clean, S::Absent},
       {S::Clean, S::Hole},
-      // Dirty -> Clean, Writeback, Absent
+      // Dirty -> Clean, Writeback, Absent, Spilled
       {S::Dirty, S::Clean},
       {S::Dirty, S::Writeback},
       {S::Dirty, S::Absent},
+      {S::Dirty, S::Spilled},
+      // Spilled -> Loading, Dirty, Absent
+      {S::Spilled, S::Loading},
+      {S::Spilled, S::Dirty},
+      {S::Spilled, S::Absent},
       // Writeback -> Clean, Dirty, Absent
       {S::Writeback, S::Clean},
       {S::Writeback, S::Dirty},
@@ -62,11 +70,12 @@ TEST(PageState, NamesAreDistinct) {
   EXPECT_STREQ(to_string(S::Absent), "Absent");
   EXPECT_STREQ(to_string(S::LoadingInvalidated), "LoadingInvalidated");
   EXPECT_STREQ(to_string(S::Writeback), "Writeback");
+  EXPECT_STREQ(to_string(S::Spilled), "Spilled");
 }
 
-TEST(PageState, TableHasTwentyOneTransitions) {
-  // 21 allowed moves between different states, 21 forbidden ones (7*6 = 42).
-  EXPECT_EQ(allowed_by_comment().size(), 21u);
+TEST(PageState, TableHasTwentySevenTransitions) {
+  // 27 allowed moves between different states, 29 forbidden ones (8*7 = 56).
+  EXPECT_EQ(allowed_by_comment().size(), 27u);
 }
 
 TEST(PageState, EveryAllowedTransitionIsAllowed) {
@@ -82,7 +91,7 @@ TEST(PageState, EveryOtherTransitionIsForbidden) {
       ++forbidden;
       EXPECT_FALSE(transition_allowed(from, to)) << name(from, to);
     }
-  EXPECT_EQ(forbidden, 21);
+  EXPECT_EQ(forbidden, 29);
 }
 
 // Staying in a state is not a transition: PageMap::set_state(p, same) is a
@@ -93,8 +102,7 @@ TEST(PageState, StayingIsAllowed) {
 
 // Named spot checks of the rules the rest of the core leans on.
 TEST(PageState, KeyRules) {
-  // Only a loader's own completion leaves Loading for a resident state.
-  EXPECT_FALSE(transition_allowed(S::Loading, S::Dirty));
+  // A load never ends in the middle of a sync.
   EXPECT_FALSE(transition_allowed(S::Loading, S::Writeback));
   // An invalidated load can only be thrown away.
   EXPECT_FALSE(transition_allowed(S::LoadingInvalidated, S::Clean));
@@ -102,9 +110,15 @@ TEST(PageState, KeyRules) {
   // Only Dirty pages enter Writeback.
   EXPECT_FALSE(transition_allowed(S::Clean, S::Writeback));
   EXPECT_FALSE(transition_allowed(S::Absent, S::Writeback));
-  // Staged bytes are never silently turned into "known zero".
+  // Staged bytes are never silently turned into "known zero" or "equal to
+  // the snapshot" without being compared.
   EXPECT_FALSE(transition_allowed(S::Dirty, S::Hole));
   EXPECT_FALSE(transition_allowed(S::Writeback, S::Hole));
+  EXPECT_FALSE(transition_allowed(S::Spilled, S::Clean));
+  EXPECT_FALSE(transition_allowed(S::Spilled, S::Hole));
+  // A page being written back is in memory; it cannot be spilled meanwhile.
+  EXPECT_FALSE(transition_allowed(S::Writeback, S::Spilled));
+  EXPECT_FALSE(transition_allowed(S::Clean, S::Spilled));
   // Resident and hole pages are never loaded again without being dropped.
   EXPECT_FALSE(transition_allowed(S::Clean, S::Loading));
   EXPECT_FALSE(transition_allowed(S::Hole, S::Loading));
@@ -114,7 +128,7 @@ TEST(PageState, KeyRules) {
 TEST(PageState, Predicates) {
   for (S s : kAll) {
     EXPECT_EQ(is_resident(s), s == S::Clean || s == S::Dirty || s == S::Writeback) << to_string(s);
-    EXPECT_EQ(is_staged(s), s == S::Dirty || s == S::Writeback) << to_string(s);
+    EXPECT_EQ(is_staged(s), s == S::Dirty || s == S::Writeback || s == S::Spilled) << to_string(s);
     EXPECT_EQ(is_loading(s), s == S::Loading || s == S::LoadingInvalidated) << to_string(s);
   }
 }

@@ -1,0 +1,52 @@
+// The memory budget of a mount (spec 3 cache_size and dirty_limit, spec 7.2).
+//
+// Clean pages above cache_size are evicted, by a clock over each file's own
+// page table (second chance for touched pages; no list hooks, so the page
+// map stays within 1% of materialized bytes, see page_map.h), files taken in
+// turn. Staged pages above dirty_limit are spilled to the files' spill files
+// on the source filesystem. Both happen in the thread whose request pushed
+// memory over the limit, after its reply, with no lock held.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "deferfs/file.h"
+
+namespace deferfs {
+
+class Cache {
+ public:
+  Cache(Counters& counters, uint64_t cache_limit, uint64_t dirty_limit)
+      : counters_(counters), cache_limit_(cache_limit), dirty_limit_(dirty_limit) {}
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  uint64_t cache_limit() const { return cache_limit_; }
+  uint64_t dirty_limit() const { return dirty_limit_; }
+
+  // Registers a File to be balanced (weakly held).
+  void add(const std::shared_ptr<File>& file);
+
+  // Brings memory back under the limits. `hint` is the file the caller just
+  // used: a file holding more than half the cache gives pages back first, so
+  // one reader cannot take the whole cache. Call with no lock held.
+  void balance(File* hint);
+
+ private:
+  void evict(uint64_t bytes, File* hint);
+  void spill(uint64_t bytes);
+  std::vector<std::shared_ptr<File>> live_files();
+
+  Counters& counters_;
+  const uint64_t cache_limit_;
+  const uint64_t dirty_limit_;
+  std::mutex balance_mutex_;  // one balancer at a time; taken before any File lock
+  std::mutex files_mutex_;    // guards files_, next_
+  std::vector<std::weak_ptr<File>> files_;
+  size_t next_ = 0;           // round-robin position in files_
+};
+
+}  // namespace deferfs
