@@ -508,6 +508,19 @@ bool mount_present(long id) {
   return false;
 }
 
+// True while `pid` runs; a zombie (exited, not yet reaped by its parent)
+// has finished.
+bool process_running(long pid) {
+  std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+  if (!f) return false;
+  char buf[512];
+  size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* close_paren = std::strrchr(buf, ')');  // the command name may hold spaces
+  return close_paren && close_paren[1] == ' ' && close_paren[2] != 'Z' && close_paren[2] != 'X';
+}
+
 int run_umount(const CliArgs& a) {
   const Target t = find_target(a.paths);
   const std::string& mp = t.mount.mountpoint;
@@ -547,7 +560,7 @@ int run_umount(const CliArgs& a) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  while (daemon_pid > 0 && ::kill(static_cast<pid_t>(daemon_pid), 0) == 0 && Clock::now() < deadline)
+  while (daemon_pid > 0 && process_running(daemon_pid) && Clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   return 0;
 }

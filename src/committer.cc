@@ -1,8 +1,14 @@
 #include "deferfs/committer.h"
 
-#include <algorithm>
-#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <shared_mutex>
+
+#include "deferfs/journal.h"
 #include "deferfs/log.h"
 
 namespace deferfs {
@@ -11,154 +17,132 @@ namespace {
 constexpr uint64_t kBatchBytes = uint64_t{1} << 20;  // compare/write in 1 MiB runs
 }
 
-SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool force,
-                             const Progress& progress) {
-  SyncReport report;
-  std::lock_guard serial(sync_mutex_);
+struct Committer::Job {
+  const CommitTarget* target;
+  std::unique_lock<std::mutex> commit_lock;
+  std::unique_lock<std::shared_mutex> gate;  // held from prepare to end_commit
+  CommitPlan plan;
+  bool forced = false;
+  SourceIdentity ours;  // the source as our own last step left it
+  CommitResult result;
+};
 
-  struct Job {
-    const CommitTarget* target;
-    std::unique_lock<std::mutex> lock;
-    CommitPlan plan;
-    bool forced = false;
-  };
-  std::vector<Job> jobs;
-  uint64_t total = 0;
-  for (const CommitTarget& t : targets) {
-    Job job{&t, std::unique_lock(t.file->commit_mutex()), {}, false};
-    if (!t.file->has_staged()) continue;
-    if (t.file->revalidate() == File::Validity::Conflict) {
-      if (!force) {
-        log_error("%s: not synced: changed outside the mount since its snapshot "
-                  "(use `deferfs sync --force` to write the staged pages over it, "
-                  "or `deferfs discard`)", t.path.c_str());
-        report.conflicts.push_back(t.path);
-        continue;
-      }
-      job.forced = true;
-    }
-    job.plan = t.file->begin_commit();
-    total += job.plan.pages.size() + job.plan.spilled.size();
-    jobs.push_back(std::move(job));
+// Applies the journal to the live files: each step checks that the source is
+// still as our own last step left it (an outside writer does not take our
+// io_gate), and takes its identity anew after each change.
+class Committer::LiveTarget : public JournalTarget {
+ public:
+  explicit LiveTarget(std::vector<Job*> jobs) : jobs_(std::move(jobs)) {}
+  int open(const std::string& path, dev_t, ino_t) override {
+    cur_ = nullptr;
+    for (Job* j : jobs_)
+      if (j->target->path == path) cur_ = j;
+    return cur_ ? 0 : -EINVAL;
   }
+  int zero(uint64_t off, uint64_t len) override {
+    return change([&] { return cur_->target->file->source().zero(off, len); });
+  }
+  int write(uint64_t off, const char* data, uint64_t len) override {
+    return change([&] { return cur_->target->file->source().write(data, len, off); });
+  }
+  int finish(uint64_t final_size, const struct timespec* mtime) override {
+    Source& src = cur_->target->file->source();
+    if (final_size != cur_->ours.size)
+      if (int rc = change([&] { return src.truncate(final_size); }); rc < 0) return rc;
+    if (mtime)
+      if (int rc = change([&] { return src.set_mtime(*mtime); }); rc < 0) return rc;
+    if (int rc = src.sync(); rc < 0) return rc;
+    return unchanged();
+  }
+  Job* failed() const { return cur_; }
 
-  uint64_t done = 0;
-  for (Job& job : jobs) {
-    File& f = *job.target->file;
-    CommitResult r;
-    SourceIdentity ours;
-    int rc;
-    {
-      std::unique_lock gate(f.io_gate());
-      rc = apply(f, job.plan, job.forced, ours, r, done, total, progress);
-    }
-    if (rc == -ESTALE) {
-      // Changed outside while we committed: keep everything staged, keep the
-      // old identity, and say conflict.
-      f.end_commit(job.plan, false, job.forced, nullptr);
-      f.mark_conflict();
-      report.conflicts.push_back(job.target->path);
-      continue;
-    }
-    f.end_commit(job.plan, rc == 0, job.forced, &ours);
-    if (rc < 0) {
-      log_error("%s: sync failed: %s; its staged pages are kept", job.target->path.c_str(),
-                std::strerror(-rc));
-      report.failed.push_back({job.target->path, std::strerror(-rc)});
-      continue;
-    }
-    ++report.files;
-    report.pages_written += r.pages_written;
-    report.pages_skipped += r.pages_skipped;
-    report.bytes_written += r.bytes_written;
-    counters_.synced_bytes.fetch_add(r.bytes_written, std::memory_order_relaxed);
-    counters_.skipped_pages.fetch_add(r.pages_skipped, std::memory_order_relaxed);
+ private:
+  int unchanged() {
+    SourceIdentity now;
+    if (int rc = cur_->target->file->source().identity(now); rc < 0) return rc;
+    return now == cur_->ours ? 0 : -ESTALE;
   }
-  if (progress) progress(total, total);
-  return report;
+  template <typename F>
+  int change(F&& op) {
+    if (int rc = unchanged(); rc < 0) return rc;
+    if (int rc = op(); rc < 0) return rc;
+    return cur_->target->file->source().identity(cur_->ours);
+  }
+  std::vector<Job*> jobs_;
+  Job* cur_ = nullptr;
+};
+
+Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)
+    : counters_(counters), source_root_fd_(source_root_fd), journal_dir_fd_(journal_dir_fd) {
+  if (journal_dir_fd_ >= 0) return;
+  char tmpl[] = "/tmp/deferfs-journal.XXXXXX";
+  if (mkdtemp(tmpl)) {
+    temp_dir_ = tmpl;
+    journal_dir_fd_ = ::open(tmpl, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  }
 }
 
-int Committer::apply(File& file, const CommitPlan& given, bool forced, SourceIdentity& ours,
-                     CommitResult& result, uint64_t& done, uint64_t total, const Progress& progress) {
+Committer::~Committer() {
+  if (temp_dir_.empty()) return;
+  unlinkat(journal_dir_fd_, kJournalName, 0);
+  close(journal_dir_fd_);
+  rmdir(temp_dir_.c_str());
+}
+
+int Committer::recover(int source_root_fd, int journal_dir_fd, uint64_t* files_out, uint64_t* bytes_out) {
+  if (files_out) *files_out = 0;
+  if (bytes_out) *bytes_out = 0;
+  std::string why;
+  switch (check_journal(journal_dir_fd, kJournalName, why)) {
+    case JournalCheck::Missing:
+      return 0;
+    case JournalCheck::Incomplete:
+      log_info("found an interrupted sync that had not committed (%s): ignoring it; "
+               "the source files are unchanged by it", why.c_str());
+      unlinkat(journal_dir_fd, kJournalName, 0);
+      return 0;
+    case JournalCheck::Complete:
+      break;
+  }
+  PathJournalTarget target(source_root_fd);
+  uint64_t files = 0, bytes = 0;
+  int rc = replay_journal(journal_dir_fd, kJournalName, target, &files, &bytes);
+  if (files_out) *files_out = files;
+  if (bytes_out) *bytes_out = bytes;
+  if (rc < 0) {
+    log_error("cannot finish an interrupted sync: %s; its journal is kept and will be "
+              "replayed again", std::strerror(-rc));
+    return rc;
+  }
+  for (const std::string& p : target.skipped)
+    log_error("%s: named by an interrupted sync but gone or replaced; not changed", p.c_str());
+  unlinkat(journal_dir_fd, kJournalName, 0);
+  fsync(journal_dir_fd);
+  log_info("finished an interrupted sync: %llu files committed", static_cast<unsigned long long>(files));
+  return 0;
+}
+
+int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_t total,
+                       const Progress& progress) {
+  File& file = *job.target->file;
   Source& src = file.source();
-  // Guard of spec 5.2 during the commit: the source must stay as our own
-  // last step left it. An outside writer does not take our io_gate, so
-  // check its identity (dev, ino, size, mtime, ctime) before every step and
-  // take it anew after each of our own changes. (The window left between a
-  // write of ours and the fstat after it is closed only by reflink
-  // snapshots, see LIMITS.)
-  if (int rc = src.identity(ours); rc < 0) return rc;
-  if (!forced && ours != file.identity()) return -ESTALE;
-  CommitPlan plan = given;
-  plan.source_size = ours.size;  // what is really there (a forced sync over a shrunk source)
+  CommitPlan& plan = job.plan;
+  CommitResult& result = job.result;
+  const uint64_t ps = file.page_size();
+
+  // Guard of spec 5.2 during the commit (see LiveTarget).
+  if (int rc = src.identity(job.ours); rc < 0) return rc;
+  if (!job.forced && job.ours != file.identity()) return -ESTALE;
+  plan.source_size = job.ours.size;  // what is really there (a forced sync over a changed source)
   auto unchanged = [&]() -> int {
     SourceIdentity now;
     if (int rc = src.identity(now); rc < 0) return rc;
-    return now == ours ? 0 : -ESTALE;
+    return now == job.ours ? 0 : -ESTALE;
   };
-  auto after_change = [&]() -> int { return src.identity(ours); };
-  const uint64_t ps = file.page_size();
-  const uint64_t batch_pages = std::max<uint64_t>(1, kBatchBytes / ps);
-  std::vector<char> old(batch_pages * ps);
-  std::vector<char> spilled_bytes;
 
-  // Staged pages, in runs of consecutive pages: read the source's bytes,
-  // write only the pages that differ, coalescing neighbours into one write.
-  // Writeback pages are read from the segment, Spilled ones from the spill
-  // file.
-  auto commit_pages = [&](const std::vector<uint64_t>& pages, bool spilled) -> int {
-    for (size_t i = 0; i < pages.size();) {
-      size_t j = i + 1;
-      while (j < pages.size() && j - i < batch_pages && pages[j] == pages[j - 1] + 1) ++j;
-      const uint64_t off = pages[i] * ps;
-      const uint64_t len = std::min<uint64_t>((j - i) * ps, plan.final_size - off);
-      std::memset(old.data(), 0, len);
-      if (off < plan.source_size) {
-        uint64_t want = std::min(len, plan.source_size - off);
-        ssize_t n = src.read(old.data(), want, off);
-        if (n < 0) return static_cast<int>(n);
-      }
-      if (int rc = unchanged(); rc < 0) return rc;
-      const char* now = file.page_bytes(pages[i]);
-      if (spilled) {
-        spilled_bytes.resize((j - i) * ps);
-        for (size_t k = i; k < j; ++k)
-          if (int rc = file.read_spilled(pages[k], spilled_bytes.data() + (k - i) * ps); rc < 0) return rc;
-        now = spilled_bytes.data();
-      }
-      uint64_t run_start = 0, run_len = 0;
-      auto flush = [&]() -> int {
-        if (run_len == 0) return 0;
-        if (int rc = unchanged(); rc < 0) return rc;
-        int rc = src.write(now + run_start, run_len, off + run_start);
-        if (rc < 0) return rc;
-        if ((rc = after_change()) < 0) return rc;
-        result.bytes_written += run_len;
-        run_len = 0;
-        return 0;
-      };
-      for (uint64_t a = 0; a < len; a += ps) {
-        uint64_t b = std::min(a + ps, len);
-        if (std::memcmp(now + a, old.data() + a, b - a) == 0) {
-          ++result.pages_skipped;
-          if (int rc = flush(); rc < 0) return rc;
-          continue;
-        }
-        ++result.pages_written;
-        if (run_len == 0) run_start = a;
-        run_len = b - run_start;
-      }
-      if (int rc = flush(); rc < 0) return rc;
-      done += j - i;
-      if (progress) progress(done, total);
-      i = j;
-    }
-    return 0;
-  };
-  if (int rc = commit_pages(plan.pages, false); rc < 0) return rc;
-  if (int rc = commit_pages(plan.spilled, true); rc < 0) return rc;
+  journal.begin_file(job.target->path, job.ours.dev, job.ours.ino, plan.final_size);
 
-  // Cut pages: must read as zeros. Skip ranges that hold no data already.
+  // Cut pages must read as zeros: journal the ranges that hold data.
   const uint64_t zero_end = std::min(plan.final_size, plan.source_size);
   for (const auto& [first, count] : plan.zero_runs) {
     uint64_t off = first * ps;
@@ -170,19 +154,184 @@ int Committer::apply(File& file, const CommitPlan& given, bool forced, SourceIde
       result.pages_skipped += count;
       continue;
     }
-    if (int rc = unchanged(); rc < 0) return rc;
-    if (int rc = src.zero(off, end - off); rc < 0) return rc;
-    if (int rc = after_change(); rc < 0) return rc;
+    journal.zero(off, end - off);
     result.pages_written += count;
   }
 
-  if (plan.size_change()) {
-    if (int rc = unchanged(); rc < 0) return rc;
-    if (int rc = src.truncate(plan.final_size); rc < 0) return rc;
-    if (int rc = after_change(); rc < 0) return rc;
-  }
-  if (int rc = src.sync(); rc < 0) return rc;
+  // Staged pages, in runs of consecutive pages: read the source's bytes and
+  // journal only the pages that differ, neighbours coalesced. Writeback
+  // pages come from the segment, Spilled ones from the spill file.
+  const uint64_t batch_pages = std::max<uint64_t>(1, kBatchBytes / ps);
+  std::vector<char> old(batch_pages * ps), spilled_bytes;
+  auto journal_pages = [&](const std::vector<uint64_t>& pages, bool spilled) -> int {
+    for (size_t i = 0; i < pages.size();) {
+      size_t j = i + 1;
+      while (j < pages.size() && j - i < batch_pages && pages[j] == pages[j - 1] + 1) ++j;
+      const uint64_t off = pages[i] * ps;
+      const uint64_t len = std::min<uint64_t>((j - i) * ps, plan.final_size - off);
+      std::memset(old.data(), 0, len);
+      if (off < plan.source_size) {
+        ssize_t n = src.read(old.data(), std::min(len, plan.source_size - off), off);
+        if (n < 0) return static_cast<int>(n);
+      }
+      const char* now = file.page_bytes(pages[i]);
+      if (spilled) {
+        spilled_bytes.resize((j - i) * ps);
+        for (size_t k = i; k < j; ++k)
+          if (int rc = file.read_spilled(pages[k], spilled_bytes.data() + (k - i) * ps); rc < 0) return rc;
+        now = spilled_bytes.data();
+      }
+      uint64_t run_start = 0, run_len = 0;
+      auto flush = [&] {
+        if (run_len) journal.write(off + run_start, now + run_start, run_len);
+        result.bytes_written += run_len;
+        run_len = 0;
+      };
+      for (uint64_t a = 0; a < len; a += ps) {
+        uint64_t b = std::min(a + ps, len);
+        if (std::memcmp(now + a, old.data() + a, b - a) == 0) {
+          ++result.pages_skipped;
+          flush();
+          continue;
+        }
+        ++result.pages_written;
+        if (run_len == 0) run_start = a;
+        run_len = b - run_start;
+      }
+      flush();
+      if (journal.error()) return journal.error();
+      done += j - i;
+      if (progress) progress(done, total);
+      i = j;
+    }
+    return 0;
+  };
+  if (int rc = journal_pages(plan.pages, false); rc < 0) return rc;
+  if (int rc = journal_pages(plan.spilled, true); rc < 0) return rc;
+  if (plan.has_mtime) journal.mtime(plan.mtime);
+  journal.end_file();
+  if (journal.error()) return journal.error();
   return unchanged();
+}
+
+SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool force,
+                             const Progress& progress) {
+  SyncReport report;
+  std::lock_guard serial(sync_mutex_);
+
+  // A journal left by a sync whose replay failed: finish it first, so this
+  // sync compares against the source as that one decided it.
+  // Its bytes count in this sync's report: they are committed now.
+  if (source_root_fd_ >= 0) {
+    uint64_t files = 0, bytes = 0;
+    recover(source_root_fd_, journal_dir_fd_, &files, &bytes);
+    const uint64_t ps = targets.empty() ? 4096 : targets.front().file->page_size();
+    report.bytes_written += bytes;
+    report.pages_written += (bytes + ps - 1) / ps;
+    counters_.synced_bytes.fetch_add(bytes, std::memory_order_relaxed);
+  }
+
+  std::vector<std::unique_ptr<Job>> jobs;
+  uint64_t total = 0;
+  for (const CommitTarget& t : targets) {
+    auto job = std::make_unique<Job>();
+    job->target = &t;
+    job->commit_lock = std::unique_lock(t.file->commit_mutex());
+    if (!t.file->has_staged()) continue;
+    if (t.file->revalidate() == File::Validity::Conflict) {
+      if (!force) {
+        log_error("%s: not synced: changed outside the mount since its snapshot "
+                  "(use `deferfs sync --force` to write the staged pages over it, "
+                  "or `deferfs discard`)", t.path.c_str());
+        report.conflicts.push_back(t.path);
+        continue;
+      }
+      job->forced = true;
+    }
+    job->plan = t.file->begin_commit();
+    total += job->plan.pages.size() + job->plan.spilled.size();
+    jobs.push_back(std::move(job));
+  }
+  if (jobs.empty()) return report;
+
+  // Every file is ended exactly once: committed, or back to staged. On
+  // failure, `culprit` (if any) is the file that caused it: in conflict when
+  // `conflict`, else failed with `cause`; the others are "not committed".
+  auto end_all = [&](bool ok, const std::string& cause, const Job* culprit, bool conflict) {
+    for (auto& job : jobs) {
+      File& f = *job->target->file;
+      const bool is_culprit = culprit == job.get();
+      if (job->gate.owns_lock()) job->gate.unlock();
+      f.end_commit(job->plan, ok, job->forced, is_culprit && conflict ? nullptr : &job->ours);
+      if (ok) {
+        ++report.files;
+        report.pages_written += job->result.pages_written;
+        report.pages_skipped += job->result.pages_skipped;
+        report.bytes_written += job->result.bytes_written;
+        counters_.synced_bytes.fetch_add(job->result.bytes_written, std::memory_order_relaxed);
+        counters_.skipped_pages.fetch_add(job->result.pages_skipped, std::memory_order_relaxed);
+        continue;
+      }
+      if (is_culprit && conflict) {
+        f.mark_conflict();
+        report.conflicts.push_back(job->target->path);
+        continue;
+      }
+      std::string why = is_culprit || !culprit ? cause : "not committed: " + cause;
+      log_error("%s: sync failed: %s; its staged pages are kept", job->target->path.c_str(), why.c_str());
+      report.failed.push_back({job->target->path, why});
+    }
+  };
+
+  for (auto& job : jobs) job->gate = std::unique_lock(job->target->file->io_gate());
+  if (journal_dir_fd_ < 0) {
+    end_all(false, "no place for the sync journal (the source's .deferfs directory)", nullptr, false);
+    return report;
+  }
+
+  // 1. Compare and journal.
+  JournalWriter journal(journal_dir_fd_, kJournalName);
+  uint64_t done = 0;
+  for (auto& job : jobs) {
+    int rc = journal.error() ? journal.error() : prepare(*job, journal, done, total, progress);
+    if (rc == -ESTALE) {
+      end_all(false, job->target->path + " changed outside the mount during the sync", job.get(), true);
+      return report;
+    }
+    if (rc < 0) {
+      const bool journal_failed = journal.error() != 0;
+      end_all(false, std::string(std::strerror(-rc)) +
+                         (journal_failed ? " (writing the sync journal)" : " (reading the source)"),
+              journal_failed ? nullptr : job.get(), false);
+      return report;
+    }
+  }
+  // 2. Decide.
+  if (int rc = journal.commit(); rc < 0) {
+    end_all(false, std::string(std::strerror(-rc)) + " (writing the sync journal)", nullptr, false);
+    return report;
+  }
+  // 3. Apply in place, then retire the journal.
+  std::vector<Job*> live;
+  for (auto& job : jobs) live.push_back(job.get());
+  LiveTarget target(live);
+  int rc = replay_journal(journal_dir_fd_, kJournalName, target);
+  if (rc == -ESTALE) {
+    // Decided but not fully applied: the journal stays and the next sync or
+    // mount finishes it; the staged pages stay too.
+    end_all(false, "a file changed outside the mount while the sync was applied; the next sync finishes it",
+            target.failed(), true);
+    return report;
+  }
+  if (rc < 0) {
+    end_all(false, std::string(std::strerror(-rc)) + " (applying the sync; the next sync finishes it)",
+            target.failed(), false);
+    return report;
+  }
+  journal.retire();
+  end_all(true, "", nullptr, false);
+  if (progress) progress(total, total);
+  return report;
 }
 
 }  // namespace deferfs

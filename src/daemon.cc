@@ -1,6 +1,8 @@
 #include "deferfs/daemon.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -34,17 +36,36 @@ uint64_t rss_bytes() {
 
 }  // namespace
 
-Daemon::Daemon(const MountOptions& opts, int source_root_fd)
+Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd)
     : opts_(opts),
       control_path_(make_control_path(opts)),
       inodes_(source_root_fd),
-      committer_(counters_),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
-      source_root_fd_(source_root_fd) {}
+      source_root_fd_(source_root_fd),
+      state_dir_fd_(state_dir_fd),
+      committer_(counters_, source_root_fd, state_dir_fd) {}
 
-Daemon::~Daemon() { stop_threads(); }
+Daemon::~Daemon() {
+  stop_threads();
+  if (state_dir_fd_ >= 0) close(state_dir_fd_);
+}
+
+// Control sockets of daemons that died without cleaning up (SIGKILL).
+static void remove_stale_sockets(const std::string& dir) {
+  DIR* d = opendir(dir.c_str());
+  if (!d) return;
+  while (dirent* e = readdir(d)) {
+    if (std::strncmp(e->d_name, "ctl.", 4) != 0) continue;
+    char* end = nullptr;
+    long pid = std::strtol(e->d_name + 4, &end, 10);
+    if (!end || *end || pid <= 0) continue;
+    if (kill(static_cast<pid_t>(pid), 0) < 0 && errno == ESRCH) unlinkat(dirfd(d), e->d_name, 0);
+  }
+  closedir(d);
+}
 
 void Daemon::start_threads() {
+  remove_stale_sockets(opts_.state_dir);
   control_ = std::make_unique<ControlServer>(control_path_, getuid(), *this);
   control_->start();
   notifier_ = std::thread([this] { notifier_loop(); });
@@ -82,7 +103,9 @@ void Daemon::notifier_loop() {
   }
 }
 
-std::string Daemon::rel_path(const Inode& inode) {
+std::string Daemon::rel_path(const Inode& inode) { return rel_path(inode, 0); }
+
+std::string Daemon::rel_path(const Inode& inode, int depth) {
   if (&inode == &inodes_.root()) return "";
   char link[64];
   std::snprintf(link, sizeof link, "/proc/self/fd/%d", inode.fd);
@@ -90,6 +113,35 @@ std::string Daemon::rel_path(const Inode& inode) {
   ssize_t n = readlink(link, buf.data(), buf.size());
   if (n < 0) return "?";
   buf.resize(static_cast<size_t>(n));
+  static const std::string kDeleted = " (deleted)";
+  if (buf.size() > kDeleted.size() && buf.compare(buf.size() - kDeleted.size(), kDeleted.size(), kDeleted) == 0 &&
+      depth < 64) {
+    // The name the fd was opened by is gone; another hard link may remain:
+    // the last name the kernel looked it up by, checked against the source.
+    std::pair<dev_t, ino_t> parent;
+    std::string name;
+    {
+      std::lock_guard lk(const_cast<Inode&>(inode).m);
+      parent = inode.parent;
+      name = inode.name;
+    }
+    std::shared_ptr<Inode> dir = parent == std::make_pair(inodes_.root().dev, inodes_.root().ino)
+                                     ? nullptr
+                                     : inodes_.find(parent.first, parent.second);
+    const Inode* d = dir ? dir.get() : (parent.first || parent.second ? &inodes_.root() : nullptr);
+    struct stat st;
+    if (d && !name.empty() && fstatat(d->fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        st.st_dev == inode.dev && st.st_ino == inode.ino) {
+      std::string base = rel_path(*d, depth + 1);
+      return base.empty() ? name : base + "/" + name;
+    }
+    // A name made outside the mount: look for it, in the last directory first.
+    std::string base = d ? rel_path(*d, depth + 1) : "";
+    std::string found = find_name(d ? d->fd : inodes_.root().fd, inode, 1);
+    if (!found.empty()) return base.empty() ? found : base + "/" + found;
+    found = find_name(inodes_.root().fd, inode, 8);
+    if (!found.empty()) return found;
+  }
   const std::string& root = opts_.source;
   if (root == "/") return buf.substr(1);
   if (buf.compare(0, root.size(), root) == 0 && buf.size() > root.size() && buf[root.size()] == '/')
@@ -139,13 +191,11 @@ int Daemon::open_spill_file() {
   // .deferfs at the source root: hidden from the mount, on the source's own
   // filesystem (spec 3, state_dir). Spill files are anonymous (O_TMPFILE) so
   // they vanish with the daemon.
-  if (mkdirat(source_root_fd_, ".deferfs", 0700) < 0 && errno != EEXIST) {
-    int err = errno;
-    log_error("%s/.deferfs: cannot create the spill directory: %s", opts_.source.c_str(), std::strerror(err));
-    return -err;
+  if (state_dir_fd_ < 0) {
+    log_error("%s/.deferfs: not available; staged pages cannot spill to disk", opts_.source.c_str());
+    return -EROFS;
   }
-  int dir = openat(source_root_fd_, ".deferfs", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir < 0) return -errno;
+  const int dir = state_dir_fd_;
   int fd = openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
     // No O_TMPFILE on this filesystem: a named file, unlinked at once.
@@ -155,7 +205,6 @@ int Daemon::open_spill_file() {
     if (fd >= 0) unlinkat(dir, name, 0);
   }
   int err = errno;
-  close(dir);
   if (fd < 0) {
     log_error("%s/.deferfs: cannot create a spill file: %s", opts_.source.c_str(), std::strerror(err));
     return -err;
@@ -196,7 +245,65 @@ void Daemon::released(Inode& inode) {
 }
 
 void Daemon::unlinked(dev_t dev, ino_t ino) {
-  if (std::shared_ptr<Inode> inode = inodes_.find(dev, ino)) released(*inode);
+  if (std::shared_ptr<Inode> inode = inodes_.find(dev, ino)) {
+    metadata_changed(*inode, false);  // another name may remain: ctime changed
+    released(*inode);
+  }
+}
+
+void Daemon::metadata_changed(dev_t dev, ino_t ino, bool times_set) {
+  if (std::shared_ptr<Inode> inode = inodes_.find(dev, ino)) metadata_changed(*inode, times_set);
+}
+
+void Daemon::metadata_changed(Inode& inode, bool times_set) {
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard lk(inode.m);
+    file = inode.file;
+  }
+  if (file) file->adopt_metadata_change(times_set);
+}
+
+std::string Daemon::find_name(int dir_fd, const Inode& inode, int max_depth) {
+  // Breadth-first, bounded: this runs only for a file whose known name is
+  // gone while it still has links (rare), and must stay cheap.
+  struct Dir { int fd; std::string rel; int depth; };
+  std::deque<Dir> todo;
+  int fd0 = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd0 < 0) return "";
+  todo.push_back({fd0, "", 1});
+  std::string result;
+  size_t visited = 0;
+  while (!todo.empty() && result.empty() && visited < 20000) {
+    Dir cur = todo.front();
+    todo.pop_front();
+    DIR* dp = fdopendir(cur.fd);
+    if (!dp) {
+      close(cur.fd);
+      continue;
+    }
+    while (dirent* e = readdir(dp)) {
+      ++visited;
+      if (!std::strcmp(e->d_name, ".") || !std::strcmp(e->d_name, "..") || !std::strcmp(e->d_name, ".deferfs"))
+        continue;
+      std::string rel = cur.rel.empty() ? e->d_name : cur.rel + "/" + e->d_name;
+      if (e->d_ino == inode.ino) {
+        struct stat st;
+        if (fstatat(dirfd(dp), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_dev == inode.dev &&
+            st.st_ino == inode.ino) {
+          result = rel;
+          break;
+        }
+      }
+      if (e->d_type == DT_DIR && cur.depth < max_depth) {
+        int sub = openat(dirfd(dp), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (sub >= 0) todo.push_back({sub, rel, cur.depth + 1});
+      }
+    }
+    closedir(dp);
+  }
+  for (Dir& rest : todo) close(rest.fd);
+  return result;
 }
 
 bool Daemon::matches(const std::string& rel, const std::vector<std::string>& paths) {
@@ -237,6 +344,7 @@ StatusReport Daemon::status(const std::vector<std::string>& paths) {
   StatusReport r;
   const uint64_t ps = opts_.page_size;
   for (const CommitTarget& t : targets(paths, true)) {
+    t.file->revalidate();  // status says what conflicts now (spec 2)
     File::Info i = t.file->info();
     StatusEntry e;
     e.path = t.path;
@@ -385,7 +493,9 @@ int run_daemon(const MountOptions& given) {
   }
 
   std::vector<std::string> argv_s = {"deferfs"};
-  std::string o = "fsname=" + escape_opt(opts.source) + ",subtype=deferfs";
+  // default_permissions always: the kernel enforces the source's modes and
+  // owners (spec 8.1), also for other users under allow_other.
+  std::string o = "fsname=" + escape_opt(opts.source) + ",subtype=deferfs,default_permissions";
   if (opts.read_only) o += ",ro";
   for (const std::string& f : opts.fuse_options) o += "," + f;
   argv_s.push_back("-o");
@@ -395,7 +505,20 @@ int run_daemon(const MountOptions& given) {
   for (auto& s : argv_s) argv.push_back(s.data());
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
-  Daemon daemon(opts, root_fd);
+  // The hidden state directory on the source (journal, spill files), and
+  // whatever an interrupted sync left there: finished or dropped before
+  // anything is served (spec 6.3).
+  int state_fd = -1;
+  if (!opts.read_only) {
+    if (mkdirat(root_fd, ".deferfs", 0700) < 0 && errno != EEXIST)
+      std::fprintf(stderr, "deferfs: %s/.deferfs: %s; sync will not be possible\n", opts.source.c_str(),
+                   std::strerror(errno));
+    state_fd = openat(root_fd, ".deferfs", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (state_fd >= 0 && Committer::recover(root_fd, state_fd) < 0)
+      std::fprintf(stderr, "deferfs: %s: an interrupted sync could not be finished (see above)\n",
+                   opts.source.c_str());
+  }
+  Daemon daemon(opts, root_fd, state_fd);
   const fuse_lowlevel_ops ops = make_fuse_ops();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &daemon);
   if (!se) {

@@ -144,7 +144,17 @@ void File::raise_cut_locked() {
   }
 }
 
-void File::touch_staged() { staged_mtime_ = now_realtime(); }
+void File::touch_staged() {
+  staged_mtime_ = now_realtime();
+  explicit_mtime_ = false;
+}
+
+void File::set_explicit_mtime(const struct timespec& mtime) {
+  std::lock_guard lk(mutex_);
+  if (!has_staged_locked()) return;
+  staged_mtime_ = mtime;
+  explicit_mtime_ = true;
+}
 
 uint64_t File::implicit_zero_pages_locked() const {
   uint64_t first = div_up(cut_, page_size_);
@@ -601,6 +611,8 @@ CommitPlan File::begin_commit() {
   CommitPlan plan;
   plan.final_size = size_;
   plan.source_size = base_size_;
+  plan.has_mtime = explicit_mtime_;
+  plan.mtime = staged_mtime_;
   plan.pages = map_.collect(0, div_up(size_, ps),
                             [](const PageEntry& e) { return e.state == PageState::Dirty; });
   for (uint64_t p : plan.pages) set_page_state(p, PageState::Writeback);
@@ -642,6 +654,16 @@ void File::mark_conflict() {
   conflict_ = true;
 }
 
+void File::adopt_metadata_change(bool times_set) {
+  std::lock_guard lk(mutex_);
+  SourceIdentity now;
+  if (source_->identity(now) < 0 || now == identity_) return;
+  const bool same_data = now.dev == identity_.dev && now.ino == identity_.ino && now.size == identity_.size &&
+                         (times_set || (now.mtime.tv_sec == identity_.mtime.tv_sec &&
+                                        now.mtime.tv_nsec == identity_.mtime.tv_nsec));
+  if (same_data) identity_ = now;
+}
+
 void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours) {
   std::lock_guard lk(mutex_);
   for (uint64_t p : plan.pages) {
@@ -675,7 +697,10 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
       drop_page(p);
   }
   conflict_ = false;
-  if (!has_staged_locked()) staged_mtime_ = {};
+  if (!has_staged_locked()) {
+    staged_mtime_ = {};
+    explicit_mtime_ = false;
+  }
 }
 
 uint64_t File::discard() {
@@ -694,6 +719,7 @@ uint64_t File::discard() {
   segment_.punch(beyond * ps, segment_.capacity() - std::min(segment_.capacity(), beyond * ps));
   size_ = cut_ = base_size_;
   staged_mtime_ = {};
+  explicit_mtime_ = false;
   if (conflict_) {
     SourceIdentity now;
     if (source_->identity(now) == 0) resnapshot_locked(now);
@@ -800,6 +826,7 @@ File::Info File::info() {
   i.staged = has_staged_locked();
   i.conflict = conflict_;
   i.staged_mtime = staged_mtime_;
+  i.explicit_mtime = explicit_mtime_;
   i.map_bytes = map_.memory_bytes();
   i.resident_bytes = segment_.resident_bytes();
   return i;

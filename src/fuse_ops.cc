@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "deferfs/caller_creds.h"
 #include "deferfs/control.h"
 #include "deferfs/daemon.h"
 #include "deferfs/log.h"
@@ -52,9 +53,15 @@ void overlay(Inode& inode, struct stat& st) {
     file = inode.file;
   }
   if (!file) return;
+  // A file with nothing staged shows the source as it is (the snapshot is
+  // re-validated at the next open); a staged one shows its staged size and
+  // the time of its last staged change (or the time set through the mount).
   File::Info i = file->info();
+  if (!i.staged) return;
   st.st_size = static_cast<off_t>(i.size);
-  if (i.staged_mtime.tv_sec || i.staged_mtime.tv_nsec) {
+  if (i.explicit_mtime) {
+    st.st_mtim = i.staged_mtime;
+  } else if (i.staged_mtime.tv_sec || i.staged_mtime.tv_nsec) {
     st.st_mtim = i.staged_mtime;
     st.st_ctim = i.staged_mtime;
   }
@@ -83,6 +90,7 @@ int do_lookup(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_entry_pa
   }
   Daemon& d = daemon_of(req);
   std::shared_ptr<Inode> inode = d.inodes().lookup(fd, st);
+  InodeTable::named(*inode, dir, name);
   if (S_ISREG(st.st_mode)) overlay(*inode, st);
   e.ino = d.inodes().nodeid(*inode);
   e.attr = st;
@@ -201,7 +209,21 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
     int rc = inode.type == S_IFLNK ? utimensat(inode.fd, "", tv, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
                                    : utimensat(AT_FDCWD, path.c_str(), tv, 0);
     if (rc < 0) err = errno;
+    if (!err && (valid & FUSE_SET_ATTR_MTIME) && inode.type == S_IFREG) {
+      std::shared_ptr<File> file;
+      {
+        std::lock_guard lk(inode.m);
+        file = inode.file;
+      }
+      struct timespec m = tv[1];
+      if (m.tv_nsec == UTIME_NOW) clock_gettime(CLOCK_REALTIME, &m);
+      if (file) file->set_explicit_mtime(m);
+    }
   }
+  // Our own chmod/chown/utimes changed the source's ctime (and mtime).
+  if (valid & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_ATIME |
+               FUSE_SET_ATTR_MTIME))
+    d.metadata_changed(inode, (valid & FUSE_SET_ATTR_MTIME) != 0);
   if (err) {
     fuse_reply_err(req, err);
     return;
@@ -228,24 +250,28 @@ void op_readlink(fuse_req_t req, fuse_ino_t ino) {
 // ------------------------------------------------------------ namespace
 
 void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) {
+  CallerCredentials as_caller(req);  // spec 8.1: what a user creates is theirs
   if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
   int rc = mknodat(inode_of(req, parent).fd, name, mode, rdev);
   reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
 }
 
 void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  CallerCredentials as_caller(req);  // spec 8.1: what a user creates is theirs
   if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
   int rc = mkdirat(inode_of(req, parent).fd, name, mode);
   reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
 }
 
 void op_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  CallerCredentials as_caller(req);  // spec 8.1: what a user creates is theirs
   if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
   int rc = symlinkat(link, inode_of(req, parent).fd, name);
   reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
 }
 
 void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char* name) {
+  CallerCredentials as_caller(req);  // spec 8.1: what a user creates is theirs
   if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
   Inode& inode = inode_of(req, ino);
   int rc = linkat(inode.fd, "", inode_of(req, parent).fd, name, AT_EMPTY_PATH);
@@ -253,7 +279,9 @@ void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char* name
     ProcPath p(inode.fd);
     rc = linkat(AT_FDCWD, p.c_str(), inode_of(req, parent).fd, name, AT_SYMLINK_FOLLOW);
   }
-  reply_entry_or_err(req, parent, name, rc < 0 ? errno : 0);
+  int err = rc < 0 ? errno : 0;
+  if (!err) daemon_of(req).metadata_changed(inode, false);  // nlink and ctime changed
+  reply_entry_or_err(req, parent, name, err);
 }
 
 // The source object a name refers to, to find its staged data once the name
@@ -282,12 +310,23 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
   if (hidden(parent, name) || hidden(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
   // Staged data follows its file: it is keyed by the source inode, which a
   // rename keeps (spec 6.6).
+  int olddir = inode_of(req, parent).fd;
   int newdir = inode_of(req, newparent).fd;
-  struct stat victim;
+  struct stat victim, moved;
   bool replaces = !(flags & RENAME_EXCHANGE) && victim_of(newdir, newname, victim);
-  if (renameat2(inode_of(req, parent).fd, name, newdir, newname, flags) < 0)
-    return (void)fuse_reply_err(req, errno);
-  if (replaces) daemon_of(req).unlinked(victim.st_dev, victim.st_ino);
+  bool moves_file = victim_of(olddir, name, moved);
+  bool swapped = (flags & RENAME_EXCHANGE) && victim_of(newdir, newname, victim);
+  if (renameat2(olddir, name, newdir, newname, flags) < 0) return (void)fuse_reply_err(req, errno);
+  Daemon& d = daemon_of(req);
+  // The moved file's ctime changed (our own doing); a replaced one lost a name.
+  if (moves_file) {
+    d.metadata_changed(moved.st_dev, moved.st_ino, false);
+    if (auto inode = d.inodes().find(moved.st_dev, moved.st_ino))
+      InodeTable::named(*inode, inode_of(req, newparent), newname);
+  }
+  if (swapped) d.metadata_changed(victim.st_dev, victim.st_ino, false);
+  if (replaces && !(moves_file && victim.st_ino == moved.st_ino && victim.st_dev == moved.st_dev))
+    d.unlinked(victim.st_dev, victim.st_ino);
   fuse_reply_err(req, 0);
 }
 
@@ -338,12 +377,14 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 }
 
 void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+  CallerCredentials as_caller(req);  // spec 8.1: what a user creates is theirs
   if (hidden(parent, name)) return (void)fuse_reply_err(req, EPERM);
   // The name appears on the source at once (spec 6.6); the data is staged.
   int fd = openat(inode_of(req, parent).fd, name,
                   (fi->flags & ~(O_TRUNC | O_APPEND | O_DIRECT)) | O_CREAT | O_CLOEXEC | O_NOFOLLOW, mode);
   if (fd < 0) return (void)fuse_reply_err(req, errno);
   close(fd);
+  as_caller.restore();  // the daemon's own open of the file (file_of) runs as root
   fuse_entry_param e;
   if (int err = do_lookup(req, parent, name, e)) return (void)fuse_reply_err(req, err);
   Daemon& d = daemon_of(req);
@@ -546,14 +587,18 @@ void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* v
   if (std::strcmp(name, kControlXattr) == 0) return (void)fuse_reply_err(req, EPERM);
   if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
   ProcPath p(inode.fd);
-  fuse_reply_err(req, setxattr(p.c_str(), name, value, size, flags) < 0 ? errno : 0);
+  int err = setxattr(p.c_str(), name, value, size, flags) < 0 ? errno : 0;
+  if (!err) daemon_of(req).metadata_changed(inode, false);
+  fuse_reply_err(req, err);
 }
 
 void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   Inode& inode = inode_of(req, ino);
   if (inode.type == S_IFLNK) return (void)fuse_reply_err(req, ENOTSUP);
   ProcPath p(inode.fd);
-  fuse_reply_err(req, removexattr(p.c_str(), name) < 0 ? errno : 0);
+  int err = removexattr(p.c_str(), name) < 0 ? errno : 0;
+  if (!err) daemon_of(req).metadata_changed(inode, false);
+  fuse_reply_err(req, err);
 }
 
 }  // namespace

@@ -79,6 +79,12 @@ std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {
   return it == inodes_.end() ? nullptr : it->second;
 }
 
+void InodeTable::named(Inode& inode, const Inode& parent, const std::string& name) {
+  std::lock_guard lk(inode.m);
+  inode.parent = {parent.dev, parent.ino};
+  inode.name = name;
+}
+
 std::vector<std::shared_ptr<Inode>> InodeTable::with_files() {
   std::vector<std::shared_ptr<Inode>> out;
   std::lock_guard lk(m_);

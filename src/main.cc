@@ -1,6 +1,7 @@
 // deferfs: one binary for the mount (daemon) and the commands that talk to it.
 #include <cstdio>
 #include <cstring>
+#include <unistd.h>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,16 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (deferfs::is_cli_command(args[0])) return deferfs::cli_main(args);
-  if (args[0] == "mount") args.erase(args.begin());
+  if (args[0] == "mount") {
+    args.erase(args.begin());
+  } else if (args[0].find('/') == std::string::npos && args[0] != "." && args[0] != ".." &&
+             args[0][0] != '-' && access(args[0].c_str(), F_OK) != 0) {
+    // Not a path that exists and not a command: a mistyped command, most likely.
+    std::fprintf(stderr, "deferfs: unknown command '%s' (and no directory of that name to mount)\n",
+                 args[0].c_str());
+    deferfs::print_usage(stderr);
+    return 2;
+  }
   try {
     deferfs::MountOptions opts = deferfs::parse_mount_args(args);
     return deferfs::run_daemon(opts);

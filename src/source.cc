@@ -66,6 +66,11 @@ int FdSource::zero(uint64_t off, uint64_t len) {
   return 0;
 }
 
+int FdSource::set_mtime(const struct timespec& mtime) {
+  struct timespec ts[2] = {{0, UTIME_OMIT}, mtime};
+  return futimens(fd_, ts) < 0 ? -errno : 0;
+}
+
 int FdSource::sync() { return fsync(fd_) < 0 ? -errno : 0; }
 
 int FdSource::identity(SourceIdentity& out) {

@@ -1,10 +1,13 @@
 // sync: commits the staged pages of a set of files to their sources (spec
-// 6.3): for each dirty page, in offset order, compares with the source's bytes
-// and writes only pages that differ, coalescing adjacent ones; zeroes cut
-// ranges; applies the size; fsyncs. A failed file keeps every staged page.
-//
-// Not yet crash-atomic across files: there is no journal in this version
-// (see the man page, LIMITS).
+// 6.3), atomically across the files through the journal (journal.h):
+//   1. for each file, in offset order, compare its staged pages with the
+//      source's bytes; write the pages that differ (coalesced), the ranges
+//      that must become zeros and the final size into the journal;
+//   2. commit the journal (trailer, fsync): the sync is decided;
+//   3. replay the journal in place, fsync every file, remove the journal.
+// A failure before 2 leaves every source untouched; after 2, the journal
+// finishes the sync (now, at the next sync, or at the next mount). Either
+// way every staged page is kept until its file is committed.
 #pragma once
 
 #include <functional>
@@ -20,30 +23,47 @@ namespace deferfs {
 
 struct CommitTarget {
   std::shared_ptr<File> file;
-  std::string path;  // relative to the mount root, for the report
+  std::string path;  // relative to the source root: the journal names files by it
 };
 
 class Committer {
  public:
   using Progress = std::function<void(uint64_t done, uint64_t total)>;
-  explicit Committer(Counters& counters) : counters_(counters) {}
+  // `source_root_fd`: the source root (to finish a pending journal by path),
+  // or -1. `journal_dir_fd`: where the journal lives (the source's .deferfs);
+  // -1 makes a private temporary directory (tests). Neither fd is owned.
+  explicit Committer(Counters& counters, int source_root_fd = -1, int journal_dir_fd = -1);
+  ~Committer();
   Committer(const Committer&) = delete;
   Committer& operator=(const Committer&) = delete;
 
   // Commits every target. Conflicting files (source changed outside) are
-  // refused unless `force`. Takes each file's commit mutex (one sync at a
-  // time; the files' own locks are never held across I/O).
+  // refused unless `force`. Takes each file's commit mutex and io_gate (one
+  // sync at a time; the files' own locks are never held across I/O).
   SyncReport commit(const std::vector<CommitTarget>& targets, bool force,
                     const Progress& progress = {});
 
+  // Finishes (complete journal) or drops (incomplete) a journal left in
+  // `journal_dir_fd` by an interrupted sync, opening files below
+  // `source_root_fd`; says so in the log. For the mount, before serving.
+  // Returns 0 or -errno (a complete journal that could not be replayed is
+  // kept, and the error logged).
+  // `files`/`bytes` (optional) count what the journal committed.
+  static int recover(int source_root_fd, int journal_dir_fd, uint64_t* files = nullptr,
+                     uint64_t* bytes = nullptr);
+
  private:
-  // Writes one file's plan (the file's io_gate held exclusive). 0 or -errno;
-  // -ESTALE when the source changed outside the mount (unless `forced`).
-  // `ours` ends as the source's identity after our own last change.
-  int apply(File& file, const CommitPlan& plan, bool forced, SourceIdentity& ours,
-            CommitResult& result, uint64_t& done, uint64_t total, const Progress& progress);
+  struct Job;
+  class LiveTarget;
+  // Compares one file's staged pages with its source and journals what
+  // differs. 0, -ESTALE (outside change) or -errno.
+  int prepare(Job& job, class JournalWriter& journal, uint64_t& done, uint64_t total,
+              const Progress& progress);
 
   Counters& counters_;
+  const int source_root_fd_;
+  int journal_dir_fd_;
+  std::string temp_dir_;   // when the Committer made its own journal directory
   std::mutex sync_mutex_;  // one commit at a time; taken before any file's commit mutex
 };
 

@@ -29,7 +29,9 @@ int run_daemon(const MountOptions& opts);
 
 class Daemon final : public ControlHandler {
  public:
-  Daemon(const MountOptions& opts, int source_root_fd);
+  // `state_dir_fd`: the source's hidden .deferfs directory (journal, spill
+  // files), or -1 when it cannot exist (read-only source).
+  Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd);
   ~Daemon() override;
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -59,6 +61,10 @@ class Daemon final : public ControlHandler {
   // A name of source object (dev, ino) was removed (unlink, rename over it):
   // if that was its last link and no handle is open, its staged data goes.
   void unlinked(dev_t dev, ino_t ino);
+  // A metadata operation through the mount changed the source object's
+  // ctime (and its mtime when `times_set`): see File::adopt_metadata_change.
+  void metadata_changed(dev_t dev, ino_t ino, bool times_set);
+  void metadata_changed(Inode& inode, bool times_set);
   // Path of `inode` relative to the source root ("" for the root); empty
   // optional-like result "?" when unknown. " (deleted)" files keep that suffix.
   std::string rel_path(const Inode& inode);
@@ -76,6 +82,10 @@ class Daemon final : public ControlHandler {
 
  private:
   std::vector<CommitTarget> targets(const std::vector<std::string>& paths, bool staged_only);
+  std::string rel_path(const Inode& inode, int depth);
+  // A name of `inode` below `dir_fd` (relative to it), at most `max_depth`
+  // levels down, or "".
+  std::string find_name(int dir_fd, const Inode& inode, int max_depth);
   static bool matches(const std::string& rel, const std::vector<std::string>& paths);
   void notifier_loop();
   int unmount_now();
@@ -88,9 +98,10 @@ class Daemon final : public ControlHandler {
 
   Counters counters_;
   InodeTable inodes_;
-  Committer committer_;
   Cache cache_;
+  Committer committer_;  // after the fds it uses
   const int source_root_fd_;  // the source root (O_PATH); owned by inodes_
+  const int state_dir_fd_;    // <source>/.deferfs, or -1; owned
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::unique_ptr<ControlServer> control_;
   bool discard_on_exit_ = false;  // set by umount --discard before unmounting

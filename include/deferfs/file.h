@@ -68,6 +68,8 @@ struct CommitPlan {
   // Runs (first page, count) of cut pages below min(final, source) size that
   // have no entry: they must read as zeros on the source.
   std::vector<std::pair<uint64_t, uint64_t>> zero_runs;
+  bool has_mtime = false;             // a time set through the mount, applied after the data
+  struct timespec mtime = {};
   bool size_change() const { return final_size != source_size; }
   bool empty() const {
     return pages.empty() && spilled.empty() && zero_runs.empty() && !size_change();
@@ -139,6 +141,16 @@ class File {
   SourceIdentity identity();
   // Marks the file in conflict (an outside change seen by a commit).
   void mark_conflict();
+  // utimes through the mount on a file with staged data: the mount shows
+  // `mtime` and the commit applies it after the data (else the source's own
+  // mtime would be the commit's time).
+  void set_explicit_mtime(const struct timespec& mtime);
+  // A metadata operation made through the mount (chmod, chown, xattr, link,
+  // rename, unlink of another name; utimes when `times_set`) changed the
+  // source's ctime (and mtime): adopt that identity, so our own operations
+  // are never taken for outside changes. Data changes (size, or mtime when
+  // !times_set) are not adopted: they stay visible to revalidate().
+  void adopt_metadata_change(bool times_set);
   // Source and segment for the committer's I/O (between begin and end).
   Source& source() { return *source_; }
   const char* page_bytes(uint64_t page) const;
@@ -172,7 +184,8 @@ class File {
     uint64_t resident_pages = 0;
     bool staged = false;
     bool conflict = false;
-    struct timespec staged_mtime = {};  // time of the last staged change
+    struct timespec staged_mtime = {};  // time of the last staged change, or the time set
+    bool explicit_mtime = false;        // staged_mtime was set through the mount (utimes)
     uint64_t map_bytes = 0;       // page map allocation
     uint64_t resident_bytes = 0;  // segment memory as the kernel counts it
     uint64_t spilled_pages = 0;   // staged pages in the spill file
@@ -241,6 +254,7 @@ class File {
   uint64_t generation_ = 0;            // guarded: bumped when the base changes
   bool conflict_ = false;              // guarded
   struct timespec staged_mtime_ = {};  // guarded
+  bool explicit_mtime_ = false;        // guarded
   std::function<void()> invalidate_hook_;  // guarded
   std::function<int()> spill_opener_;      // guarded
   int spill_fd_ = -1;                      // guarded (set once); owned

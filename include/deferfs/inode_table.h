@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -36,8 +37,13 @@ struct Inode {
   const mode_t type;  // S_IFMT bits
   std::atomic<uint64_t> nlookup{0};  // kernel references (lookup minus forget)
 
-  std::mutex m;                 // guards file
+  std::mutex m;                 // guards file, parent, name
   std::shared_ptr<File> file;   // regular files, from the first open on
+  // The last name the kernel looked this object up by (parent's source
+  // identity and entry name): how a file is named in reports once the name
+  // its O_PATH fd was opened by is gone (another hard link remains).
+  std::pair<dev_t, ino_t> parent{0, 0};
+  std::string name;
 };
 
 class InodeTable {
@@ -55,6 +61,8 @@ class InodeTable {
   // Finds the Inode of (st.st_dev, st.st_ino) or adds one owning `fd`; if
   // found, `fd` is closed. Counts one kernel lookup.
   std::shared_ptr<Inode> lookup(int fd, const struct stat& st);
+  // Remembers that `inode` is called `name` in the directory `parent`.
+  static void named(Inode& inode, const Inode& parent, const std::string& name);
 
   // Drops `n` kernel references; the Inode leaves the table at 0 unless it
   // holds staged data.

@@ -38,6 +38,9 @@ class Source {
   // hole, or writes zeros where the filesystem cannot punch). 0 or -errno.
   virtual int zero(uint64_t off, uint64_t len) = 0;
   virtual int sync() = 0;  // fsync
+  // Sets the modification time (a time set through the mount on a staged
+  // file, applied after its data). 0 or -errno.
+  virtual int set_mtime(const struct timespec& mtime) { (void)mtime; return 0; }
   virtual int identity(SourceIdentity& out) = 0;
   // Offset of the first data byte at or after `off` (SEEK_DATA), the file size
   // if there is none, or -errno. Sources that do not know holes return `off`.
@@ -62,6 +65,7 @@ class FdSource final : public Source {
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
   int sync() override;
+  int set_mtime(const struct timespec& mtime) override;
   int identity(SourceIdentity& out) override;
   int64_t next_data(uint64_t off) override;
   int64_t next_hole(uint64_t off) override;

@@ -25,7 +25,7 @@ FSTYPE = "fuse.deferfs"
 PAGE = 4096
 MOUNT_WAIT = 10.0
 EXIT_WAIT = 10.0
-TEST_DEADLINE = 120.0  # seconds; the watchdog kills the daemons after this
+TEST_DEADLINE = float(os.environ.get("DEFERFS_TEST_DEADLINE", "120"))  # s; then the watchdog kills the daemons
 
 
 # --------------------------------------------------------------- mountinfo
@@ -135,7 +135,15 @@ def daemon_pid_of(mnt):
     return None
 
 
-def force_cleanup(mnt, pid=None, proc=None, log=None):
+def _try_run(*cmd, timeout=15):
+    """run() that reports a hung command instead of raising."""
+    try:
+        return run(*cmd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, -1, "", f"timed out after {timeout}s")
+
+
+def force_cleanup(mnt, pid=None, proc=None):
     """Leaves no mount on mnt and no daemon `pid`/`proc` behind, whatever the state."""
     mnt = str(mnt)
     notes = []
@@ -150,13 +158,14 @@ def force_cleanup(mnt, pid=None, proc=None, log=None):
         return pid is None or not pid_alive(pid)
 
     if is_mounted(mnt):
-        r = run("fusermount3", "-u", mnt, timeout=15)
+        r = _try_run("fusermount3", "-u", mnt)
         if r.returncode != 0:
             notes.append(f"fusermount3 -u {mnt}: {r.stderr.strip()}")
     if not wait_for(gone, EXIT_WAIT):
         notes.append(f"daemon {pid} still running {EXIT_WAIT}s after unmount: SIGKILL")
         try:
-            os.kill(pid, signal.SIGKILL)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         wait_for(gone, EXIT_WAIT)
@@ -169,9 +178,9 @@ def force_cleanup(mnt, pid=None, proc=None, log=None):
         if not mounts_at(mnt, FSTYPE):
             break
         notes.append(f"{mnt} still mounted: lazy unmount")
-        r = run("fusermount3", "-uz", mnt, timeout=15)
+        r = _try_run("fusermount3", "-uz", mnt)
         if r.returncode != 0:
-            run("umount", "-l", mnt, timeout=15)
+            _try_run("umount", "-l", mnt)
     if mounts_at(mnt, FSTYPE):
         notes.append(f"{mnt} STILL MOUNTED after cleanup")
     return notes
@@ -262,6 +271,7 @@ def start_daemon(src, mnt, opts, log_path, extra_args=()):
     logf.write(("$ " + " ".join(cmd) + "\n").encode())
     logf.flush()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    logf.write(f"[daemon pid {proc.pid}]\n".encode())
     logf.close()
     return proc
 
@@ -300,7 +310,7 @@ def mount_factory(tmp_path, request):
     dog = _Watchdog(TEST_DEADLINE)
     counter = [0]
 
-    def factory(opts=(), src=None, mnt=None, wait=True):
+    def factory(opts=(), src=None, mnt=None, wait=True, reap=True):
         counter[0] += 1
         n = counter[0]
         suffix = "" if n == 1 else str(n)
@@ -314,6 +324,10 @@ def mount_factory(tmp_path, request):
         m = Mount(_abspath(src), _abspath(mnt), opts, tmp_path, log_path)
         before = len(mounts_at(m.mnt, FSTYPE))
         m.proc = start_daemon(m.src, m.mnt, opts, log_path)
+        if reap:
+            # Reap the daemon as soon as it exits, as a shell does with a
+            # background job (a zombie still answers kill(pid, 0)).
+            threading.Thread(target=m.proc.wait, daemon=True).start()
         made.append(m)
         dog.mounts.append(m)
         if not wait:
@@ -400,6 +414,11 @@ def pread(path, n, off):
         return os.pread(fd, n, off)
     finally:
         os.close(fd)
+
+
+def src_names(path):
+    """Names in a source directory, without deferfs' own .deferfs at the source root."""
+    return sorted(n for n in os.listdir(path) if n != ".deferfs")
 
 
 def drop_cache(path):

@@ -88,6 +88,20 @@ def test_deferfs_umount_syncs_then_unmounts(src_file, mount_factory):
     assert read_file(m.s("created")) == b"new file\n"
 
 
+def test_deferfs_umount_returns_while_daemon_is_unreaped(src_file, mount_factory):
+    """The parent of a foreground daemon (`deferfs SRC MNT -f` run by a script,
+    a supervisor, a test harness) typically calls `deferfs umount` and only then
+    waits for its child. Until then the exited daemon is a zombie: umount must
+    not wait for it to disappear."""
+    m = mount_factory(reap=False)
+    new = stage_page(m, 9)
+    r = m.cli("umount", m.mnt, timeout=20)
+    assert r.rc == 0, r
+    assert not m.mounted()
+    assert m.wait_exit() == 0
+    assert pread(m.s("f.bin"), PAGE, 9 * PAGE) == new
+
+
 def test_deferfs_umount_discard_drops_staged(src_file, mount_factory):
     m = mount_factory()
     stage_page(m, 9)
@@ -262,8 +276,10 @@ def test_sync_failure_on_immutable_source_keeps_pages(src_file, mount_factory):
     finally:
         run("chattr", "-i", m.s("f.bin"))
     r = m.sync(force=True)
-    assert r.json["pages_written"] == 1, r.json
+    assert r.json["failed"] == [] and r.json["files"] == 1, r.json
     assert pread(m.s("f.bin"), PAGE, 7 * PAGE) == staged
+    assert m.status()["files"] == []
+    assert r.json["pages_written"] == 1 and r.json["bytes_written"] == PAGE, r.json
 
 
 @pytest.fixture
