@@ -16,6 +16,7 @@
 
 #include "deferfs/fuse_ops.h"
 #include "deferfs/log.h"
+#include "deferfs/persist.h"
 
 extern char** environ;
 
@@ -38,16 +39,18 @@ uint64_t rss_bytes() {
 
 Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd)
     : opts_(opts),
-      control_path_(make_control_path(opts)),
-      inodes_(source_root_fd),
-      cache_(counters_, opts.cache_size, opts.dirty_limit),
       source_root_fd_(source_root_fd),
       state_dir_fd_(state_dir_fd),
+      persist_prefix_(persist_prefix(opts.source)),
+      state_dir_owner_{state_dir_fd},
+      inodes_(source_root_fd),
+      cache_(counters_, opts.cache_size, opts.dirty_limit),
       committer_(counters_, source_root_fd, state_dir_fd) {}
 
-Daemon::~Daemon() {
-  stop_threads();
-  if (state_dir_fd_ >= 0) close(state_dir_fd_);
+Daemon::~Daemon() { stop_threads(); }
+
+Daemon::OwnedFd::~OwnedFd() {
+  if (fd >= 0) close(fd);
 }
 
 // Control sockets of daemons that died without cleaning up (SIGKILL).
@@ -66,6 +69,7 @@ static void remove_stale_sockets(const std::string& dir) {
 
 void Daemon::start_threads() {
   remove_stale_sockets(opts_.state_dir);
+  control_path_ = make_control_path(opts_);
   control_ = std::make_unique<ControlServer>(control_path_, getuid(), *this);
   control_->start();
   notifier_ = std::thread([this] { notifier_loop(); });
@@ -149,6 +153,30 @@ std::string Daemon::rel_path(const Inode& inode, int depth) {
   return buf;  // outside the source (should not happen); shown as is
 }
 
+int Daemon::open_source(const Inode& inode, bool& writable) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", inode.fd);
+  writable = !opts_.read_only;
+  int fd = writable ? open(path, O_RDWR | O_CLOEXEC | O_NOATIME) : -1;
+  if (fd < 0 && writable && errno == EPERM) fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    writable = false;
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = open(path, O_RDONLY | O_CLOEXEC);
+  }
+  return fd < 0 ? -errno : fd;
+}
+
+void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
+  uint64_t nodeid = inodes_.nodeid(inode);
+  dev_t dev = inode.dev;
+  ino_t ino = inode.ino;
+  file->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
+  file->set_spill_opener([this, dev, ino] { return open_spill_file(dev, ino); },
+                         [this, dev, ino] { remove_spill_file(dev, ino); });
+  cache_.add(file);
+}
+
 std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) {
   std::lock_guard lk(inode.m);
   keep_cache = false;
@@ -157,53 +185,93 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
     keep_cache = v == File::Validity::Unchanged;
     return inode.file;
   }
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/self/fd/%d", inode.fd);
-  bool writable = !opts_.read_only;
-  int fd = writable ? open(path, O_RDWR | O_CLOEXEC | O_NOATIME) : -1;
-  if (fd < 0 && writable && errno == EPERM) fd = open(path, O_RDWR | O_CLOEXEC);
+  bool writable = false;
+  int fd = open_source(inode, writable);
   if (fd < 0) {
-    writable = false;
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);
-    if (fd < 0 && errno == EPERM) fd = open(path, O_RDONLY | O_CLOEXEC);
-  }
-  if (fd < 0) {
-    err = errno;
+    err = -fd;
     return nullptr;
   }
   try {
-    auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), opts_.page_size,
-                                       counters_, rel_path(inode));
-    uint64_t nodeid = inodes_.nodeid(inode);
-    file->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
-    file->set_spill_opener([this] { return open_spill_file(); });
-    cache_.add(file);
+    // Staged pages of a writable file must outlive the daemon (spec 6.5).
+    PersistConfig persist{persist_prefix_ + std::to_string(inode.dev) + "." + std::to_string(inode.ino)};
+    auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), opts_.page_size, counters_,
+                                       rel_path(inode), writable ? &persist : nullptr);
+    attach(inode, file);
     inode.file = file;
     return file;
-  } catch (const std::system_error& e) {
+  } catch (const std::exception& e) {
     log_error("%s", e.what());
-    err = e.code().value();
+    err = EIO;
     return nullptr;
   }
 }
 
-int Daemon::open_spill_file() {
+void Daemon::recover_persisted() {
+  for (const std::string& meta_path : list_persisted(persist_prefix_)) {
+    std::string why;
+    std::unique_ptr<PersistMeta> meta = PersistMeta::open_existing(meta_path, why);
+    if (!meta) {
+      if (why != "in use by a running daemon")
+        log_error("%s: cannot restore staged pages from it: %s", meta_path.c_str(), why.c_str());
+      continue;
+    }
+    const PersistedHeader& h = meta->header();
+    const std::string rel(h.path, h.path_len);
+    const std::string seg_path = meta_path.substr(0, meta_path.size() - 5) + ".seg";
+    int pfd = openat(source_root_fd_, rel.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    struct stat st;
+    if (pfd < 0 || fstat(pfd, &st) < 0 || st.st_dev != h.dev || st.st_ino != h.ino || !S_ISREG(st.st_mode)) {
+      log_error("%s: staged changes left by a previous daemon cannot be restored: the file is gone "
+                "or replaced; they are dropped", rel.c_str());
+      if (pfd >= 0) close(pfd);
+      meta->keep(false);
+      unlink(seg_path.c_str());
+      remove_spill_file(static_cast<dev_t>(h.dev), static_cast<ino_t>(h.ino));
+      continue;
+    }
+    std::shared_ptr<Inode> inode = inodes_.lookup(pfd, st);
+    bool writable = false;
+    int fd = open_source(*inode, writable);
+    try {
+      if (fd < 0) throw std::system_error(-fd, std::generic_category(), "open " + rel);
+      uint64_t restored = 0;
+      auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), counters_, rel,
+                                         std::move(meta), seg_path, restored);
+      {
+        std::lock_guard lk(inode->m);
+        inode->file = file;
+      }
+      attach(*inode, file);
+      bool conflict = file->revalidate() == File::Validity::Conflict;
+      log_info("%s: restored %llu staged pages left by a previous daemon%s", rel.c_str(),
+               static_cast<unsigned long long>(restored),
+               conflict ? " (the source changed since: conflict)" : "");
+    } catch (const std::exception& e) {
+      log_error("%s: cannot restore its staged pages: %s (they stay in %s)", rel.c_str(), e.what(),
+                seg_path.c_str());
+    }
+    // No kernel reference: the Inode stays in the table while it has staged data.
+    inodes_.forget(inodes_.nodeid(*inode), 1);
+  }
+}
+
+static std::string spill_name(dev_t dev, ino_t ino) {
+  return "spill." + std::to_string(dev) + "." + std::to_string(ino);
+}
+
+void Daemon::remove_spill_file(dev_t dev, ino_t ino) {
+  if (state_dir_fd_ >= 0) unlinkat(state_dir_fd_, spill_name(dev, ino).c_str(), 0);
+}
+
+int Daemon::open_spill_file(dev_t dev, ino_t ino) {
   // .deferfs at the source root: hidden from the mount, on the source's own
-  // filesystem (spec 3, state_dir). Spill files are anonymous (O_TMPFILE) so
-  // they vanish with the daemon.
+  // filesystem (spec 3, state_dir). Named per source object, so staged pages
+  // spilled there outlive the daemon like those in shared memory (spec 6.5).
   if (state_dir_fd_ < 0) {
     log_error("%s/.deferfs: not available; staged pages cannot spill to disk", opts_.source.c_str());
     return -EROFS;
   }
-  const int dir = state_dir_fd_;
-  int fd = openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
-    // No O_TMPFILE on this filesystem: a named file, unlinked at once.
-    char name[64];
-    std::snprintf(name, sizeof name, "spill.%d.%p", getpid(), static_cast<void*>(&fd));
-    fd = openat(dir, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
-    if (fd >= 0) unlinkat(dir, name, 0);
-  }
+  int fd = openat(state_dir_fd_, spill_name(dev, ino).c_str(), O_CREAT | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
   int err = errno;
   if (fd < 0) {
     log_error("%s/.deferfs: cannot create a spill file: %s", opts_.source.c_str(), std::strerror(err));
@@ -446,7 +514,8 @@ void Daemon::final_sync() {
   for (const auto& c : r.conflicts)
     log_error("%s: staged changes NOT committed at exit: conflict with an outside change", c.c_str());
   for (const auto& f : r.failed)
-    log_error("%s: staged changes NOT committed at exit: %s", f.path.c_str(), f.error.c_str());
+    log_error("%s: staged changes NOT committed at exit: %s; they are kept for the next mount of %s",
+              f.path.c_str(), f.error.c_str(), opts_.source.c_str());
 }
 
 // ------------------------------------------------------------------ run
@@ -519,6 +588,7 @@ int run_daemon(const MountOptions& given) {
                    opts.source.c_str());
   }
   Daemon daemon(opts, root_fd, state_fd);
+  if (!opts.read_only) daemon.recover_persisted();
   const fuse_lowlevel_ops ops = make_fuse_ops();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &daemon);
   if (!se) {

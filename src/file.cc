@@ -38,24 +38,82 @@ struct timespec now_realtime() {
 
 }  // namespace
 
-File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counters, std::string name)
-    : page_size_(page_size),
-      source_(std::move(source)),
-      counters_(counters),
-      name_(std::move(name)),
-      segment_(name_, 0) {
+File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counters, std::string name,
+           const PersistConfig* persist)
+    : page_size_(page_size), source_(std::move(source)), counters_(counters), name_(std::move(name)) {
   if (page_size_ < 4096 || page_size_ > kMaxPageSize || (page_size_ & (page_size_ - 1)))
     throw std::invalid_argument("page size must be a power of two in 4k..2M");
   int rc = source_->identity(identity_);
   if (rc < 0) throw std::system_error(-rc, std::generic_category(), "fstat of " + name_);
   base_size_ = size_ = cut_ = identity_.size;
-  rc = segment_.reserve(size_);
-  if (rc < 0) throw std::system_error(-rc, std::generic_category(), "segment for " + name_);
+  if (persist) {
+    try {
+      meta_ = PersistMeta::create(persist->prefix + ".meta", div_up(size_, page_size_));
+      segment_ = std::make_unique<Segment>(persist->prefix + ".seg", size_, false);
+    } catch (const std::system_error& e) {
+      log_error("%s: staged pages cannot outlive the daemon (%s); keeping them in private memory",
+                name_.c_str(), e.what());
+      meta_.reset();
+      segment_.reset();
+    }
+  }
+  if (!segment_) segment_ = std::make_unique<Segment>(name_, size_);
+  persist_header_locked();
+}
+
+File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
+           std::unique_ptr<PersistMeta> meta, const std::string& segment_path, uint64_t& restored)
+    : page_size_(meta->header().page_size),
+      source_(std::move(source)),
+      counters_(counters),
+      name_(std::move(name)),
+      meta_(std::move(meta)) {
+  if (page_size_ < 4096 || page_size_ > kMaxPageSize || (page_size_ & (page_size_ - 1)))
+    throw std::system_error(EINVAL, std::generic_category(), "bad page size in " + meta_->path());
+  const PersistedHeader& h = meta_->header();
+  identity_.dev = static_cast<dev_t>(h.dev);
+  identity_.ino = static_cast<ino_t>(h.ino);
+  identity_.size = h.id_size;
+  identity_.mtime = {static_cast<time_t>(h.id_mtime_sec), static_cast<long>(h.id_mtime_nsec)};
+  identity_.ctime = {static_cast<time_t>(h.id_ctime_sec), static_cast<long>(h.id_ctime_nsec)};
+  base_size_ = h.base_size;
+  size_ = h.size;
+  cut_ = std::min({h.cut, base_size_, size_});
+  staged_mtime_ = {static_cast<time_t>(h.staged_mtime_sec), static_cast<long>(h.staged_mtime_nsec)};
+  explicit_mtime_ = h.explicit_mtime != 0;
+  segment_ = std::make_unique<Segment>(segment_path, size_, true);
+  // Rebuild the staged pages; everything else in the segment (clean pages
+  // of the old daemon, unknown now) is given back.
+  std::lock_guard lk(mutex_);
+  uint64_t next_free = 0;
+  restored = 0;
+  for (uint64_t p : meta_->staged_pages()) {
+    if (p * page_size_ >= size_) {
+      meta_->set(p, PersistedPage::None);
+      continue;
+    }
+    if (meta_->get(p) == PersistedPage::InSegment) {
+      set_page_state(p, PageState::Dirty);
+      if (p > next_free) segment_->punch(next_free * page_size_, (p - next_free) * page_size_);
+      next_free = p + 1;
+    } else {
+      set_page_state(p, PageState::Spilled);
+    }
+    ++restored;
+  }
+  segment_->punch(next_free * page_size_, segment_->capacity() - std::min(segment_->capacity(), next_free * page_size_));
+  meta_->keep(false);
 }
 
 File::~File() {
-  // Give the memory back to the gauges: the segment goes with us.
   std::lock_guard lk(mutex_);
+  // Staged data outlives us (spec 6.5: a failed sync at unmount): keep the
+  // named segment, metadata and spill file for the next mount.
+  const bool keep = meta_ && has_staged_locked();
+  if (meta_) meta_->keep(keep);
+  segment_->keep(keep);
+  if (!keep && spill_remover_ && map_.count(PageState::Spilled) == 0) spill_remover_();
+  // Give the memory back to the gauges: the segment goes with us.
   for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(),
                                  [](const PageEntry&) { return true; })) {
     PageState st = map_.state(p);
@@ -80,12 +138,49 @@ PageEntry* File::set_page_state(uint64_t page, PageState to) {
   };
   gauge(from, -1);
   gauge(to, +1);
+  if (meta_) {
+    PersistedPage v = PersistedPage::None;
+    if (to == PageState::Dirty || to == PageState::Writeback)
+      v = PersistedPage::InSegment;
+    else if (to == PageState::Spilled || (to == PageState::Loading && from == PageState::Spilled))
+      v = PersistedPage::InSpill;
+    if (v != PersistedPage::None && meta_->reserve(page + 1) < 0) {
+      log_error("%s: cannot record a staged page for recovery", name_.c_str());
+    }
+    meta_->set(page, v);
+  }
   return e;
 }
 
-void File::set_spill_opener(std::function<int()> opener) {
+void File::persist_header_locked() {
+  if (!meta_) return;
+  PersistedHeader& h = meta_->header();
+  h.page_size = static_cast<uint32_t>(page_size_);
+  h.dev = identity_.dev;
+  h.ino = identity_.ino;
+  h.id_size = identity_.size;
+  h.id_mtime_sec = identity_.mtime.tv_sec;
+  h.id_mtime_nsec = identity_.mtime.tv_nsec;
+  h.id_ctime_sec = identity_.ctime.tv_sec;
+  h.id_ctime_nsec = identity_.ctime.tv_nsec;
+  h.base_size = base_size_;
+  h.size = size_;
+  h.cut = cut_;
+  h.staged_mtime_sec = staged_mtime_.tv_sec;
+  h.staged_mtime_nsec = staged_mtime_.tv_nsec;
+  h.explicit_mtime = explicit_mtime_;
+  size_t n = std::min(name_.size(), sizeof h.path - 1);
+  std::memcpy(h.path, name_.data(), n);
+  h.path[n] = 0;
+  h.path_len = static_cast<uint32_t>(n);
+}
+
+void File::set_spill_opener(std::function<int()> opener, std::function<void()> remover) {
   std::lock_guard lk(mutex_);
   spill_opener_ = std::move(opener);
+  spill_remover_ = std::move(remover);
+  if (map_.count(PageState::Spilled) > 0 && ensure_spill_file_locked() < 0)
+    log_error("%s: the spill file of its restored staged pages cannot be opened", name_.c_str());
 }
 
 int File::ensure_spill_file_locked() {
@@ -100,6 +195,7 @@ int File::ensure_spill_file_locked() {
 void File::set_name(std::string name) {
   std::lock_guard lk(mutex_);
   name_ = std::move(name);
+  persist_header_locked();
 }
 
 void File::set_invalidate_hook(std::function<void()> hook) {
@@ -107,7 +203,7 @@ void File::set_invalidate_hook(std::function<void()> hook) {
   invalidate_hook_ = std::move(hook);
 }
 
-const char* File::page_bytes(uint64_t page) const { return segment_.data() + page * page_size_; }
+const char* File::page_bytes(uint64_t page) const { return segment_->data() + page * page_size_; }
 
 bool File::page_is_zero(uint64_t page) const { return all_zero(page_bytes(page), page_size_); }
 
@@ -116,7 +212,7 @@ uint64_t File::page_hash(uint64_t page) const { return hash32(page_bytes(page), 
 void File::drop_page(uint64_t page) {
   PageState st = map_.state(page);
   set_page_state(page, PageState::Absent);
-  if (is_resident(st) || is_loading(st)) segment_.punch(page * page_size_, page_size_);
+  if (is_resident(st) || is_loading(st)) segment_->punch(page * page_size_, page_size_);
   if (st == PageState::Spilled && spill_fd_ >= 0)
     fallocate(spill_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               static_cast<off_t>(page * page_size_), static_cast<off_t>(page_size_));
@@ -147,6 +243,7 @@ void File::raise_cut_locked() {
 void File::touch_staged() {
   staged_mtime_ = now_realtime();
   explicit_mtime_ = false;
+  persist_header_locked();
 }
 
 void File::set_explicit_mtime(const struct timespec& mtime) {
@@ -154,6 +251,7 @@ void File::set_explicit_mtime(const struct timespec& mtime) {
   if (!has_staged_locked()) return;
   staged_mtime_ = mtime;
   explicit_mtime_ = true;
+  persist_header_locked();
 }
 
 uint64_t File::implicit_zero_pages_locked() const {
@@ -186,7 +284,7 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
   const uint64_t ps = page_size_;
   uint64_t off = first * ps;
   const uint64_t end = std::min((first + count) * ps, base_size);
-  char* seg = segment_.data();
+  char* seg = segment_->data();
   while (off < end) {
     int64_t d = source_->next_data(off);
     if (d < 0) return static_cast<int>(d);
@@ -249,7 +347,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
     int rc = 0, spill_rc = 0;
     for (size_t i = 0; i < mine.size(); ++i) {
       if (!from_spill[i]) continue;
-      ssize_t n = pread(spill_fd, segment_.data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+      ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
       if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
     }
     if (from_source) {
@@ -284,7 +382,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
                       static_cast<off_t>(p * ps), static_cast<off_t>(ps));
         } else if (spill_rc < 0) {
           set_page_state(p, PageState::Spilled);  // still staged in the spill file
-          segment_.punch(p * ps, ps);
+          segment_->punch(p * ps, ps);
         } else {
           set_page_state(p, PageState::Dirty)->flags |= PageEntry::kReferenced;
         }
@@ -292,7 +390,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
         drop_page(p);
       } else if (hole[i]) {
         set_page_state(p, PageState::Hole);
-        segment_.punch(p * ps, ps);
+        segment_->punch(p * ps, ps);
       } else {
         set_page_state(p, PageState::Clean)->flags |= PageEntry::kReferenced;
       }
@@ -351,10 +449,11 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   }
   identity_ = now;
   base_size_ = size_ = cut_ = now.size;
-  segment_.reserve(size_);
+  segment_->reserve(size_);
   ++generation_;
   conflict_ = false;
   staged_mtime_ = {};
+  persist_header_locked();
   if (invalidate_hook_) invalidate_hook_();
 }
 
@@ -380,7 +479,7 @@ ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
   // ensure_loaded may have dropped the lock: the size may have changed.
   if (off >= size_) return 0;
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  char* seg = segment_.data();
+  char* seg = segment_->data();
   for (uint64_t p = first; p * ps < off + len; ++p) {
     uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
     PageEntry* e = map_.find(p);
@@ -409,7 +508,7 @@ ssize_t File::read_into(uint64_t off, size_t len, char* out) {
 
 void File::copy_out_locked(uint64_t off, size_t len, char* out) {
   const uint64_t ps = page_size_;
-  const char* seg = segment_.data();
+  const char* seg = segment_->data();
   for (uint64_t p = off / ps; p * ps < off + len; ++p) {
     uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
     PageEntry* e = map_.find(p);
@@ -436,7 +535,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
   if (off > std::numeric_limits<uint64_t>::max() - len) return -EFBIG;
   const uint64_t end = off + len;
   std::unique_lock lk(mutex_);
-  int rc = segment_.reserve(end);
+  int rc = segment_->reserve(end);
   if (rc < 0) return rc;
   const uint64_t first = off / ps, last = div_up(end, ps);
 
@@ -457,7 +556,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
     loaded_cv_.wait(lk);
   }
 
-  char* seg = segment_.data();
+  char* seg = segment_->data();
   std::vector<uint64_t> candidates;  // pages that may equal the base again
   const uint32_t zero_hash = hash32(kZeros, ps);
   for (uint64_t p = first; p < last; ++p) {
@@ -560,7 +659,7 @@ int File::truncate(uint64_t new_size) {
   std::lock_guard cm(commit_mutex_);
   std::unique_lock lk(mutex_);
   if (new_size == size_) return 0;
-  int rc = segment_.reserve(new_size);
+  int rc = segment_->reserve(new_size);
   if (rc < 0) return rc;
   if (new_size > size_) {  // pages past the old size read as zeros already (I2)
     size_ = new_size;
@@ -576,7 +675,7 @@ int File::truncate(uint64_t new_size) {
       loaded_cv_.wait(lk);
     }
     const PageState st = map_.state(pp);
-    char* tail = segment_.data() + new_size;
+    char* tail = segment_->data() + new_size;
     const size_t tail_len = static_cast<size_t>((pp + 1) * ps - new_size);
     if (is_resident(st) && !all_zero(tail, tail_len)) {
       if (st == PageState::Clean)
@@ -596,7 +695,7 @@ int File::truncate(uint64_t new_size) {
     else if (st != PageState::LoadingInvalidated)
       drop_page(p);
   }
-  segment_.punch(fp * ps, segment_.capacity() - std::min(segment_.capacity(), fp * ps));
+  segment_->punch(fp * ps, segment_->capacity() - std::min(segment_->capacity(), fp * ps));
   cut_ = std::min(cut_, new_size);
   size_ = new_size;
   touch_staged();
@@ -662,6 +761,7 @@ void File::adopt_metadata_change(bool times_set) {
                          (times_set || (now.mtime.tv_sec == identity_.mtime.tv_sec &&
                                         now.mtime.tv_nsec == identity_.mtime.tv_nsec));
   if (same_data) identity_ = now;
+  persist_header_locked();
 }
 
 void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours) {
@@ -685,7 +785,10 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
   // Our own writes changed the source's mtime; the snapshot follows them,
   // but never an outside change (ours == nullptr then).
   if (ours) identity_ = *ours;
-  if (!ok) return;
+  if (!ok) {
+    persist_header_locked();
+    return;
+  }
   base_size_ = plan.final_size;
   cut_ = std::min(size_, plan.final_size);
   ++generation_;
@@ -701,6 +804,7 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
     staged_mtime_ = {};
     explicit_mtime_ = false;
   }
+  persist_header_locked();
 }
 
 uint64_t File::discard() {
@@ -716,7 +820,7 @@ uint64_t File::discard() {
   for (uint64_t p : map_.collect(beyond, std::numeric_limits<uint64_t>::max(),
                                  [](const PageEntry& e) { return !is_loading(e.state); }))
     drop_page(p);
-  segment_.punch(beyond * ps, segment_.capacity() - std::min(segment_.capacity(), beyond * ps));
+  segment_->punch(beyond * ps, segment_->capacity() - std::min(segment_->capacity(), beyond * ps));
   size_ = cut_ = base_size_;
   staged_mtime_ = {};
   explicit_mtime_ = false;
@@ -724,6 +828,7 @@ uint64_t File::discard() {
     SourceIdentity now;
     if (source_->identity(now) == 0) resnapshot_locked(now);
   }
+  persist_header_locked();
   return dropped;
 }
 
@@ -801,7 +906,7 @@ int64_t File::spill_dirty(uint64_t max_pages) {
     e->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
     if (rc == 0 && intact) {
       set_page_state(p, PageState::Spilled);
-      segment_.punch(p * ps, ps);
+      segment_->punch(p * ps, ps);
       ++spilled;
     }
   }
@@ -828,7 +933,7 @@ File::Info File::info() {
   i.staged_mtime = staged_mtime_;
   i.explicit_mtime = explicit_mtime_;
   i.map_bytes = map_.memory_bytes();
-  i.resident_bytes = segment_.resident_bytes();
+  i.resident_bytes = segment_->resident_bytes();
   return i;
 }
 

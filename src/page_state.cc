@@ -23,7 +23,8 @@ bool transition_allowed(PageState from, PageState to) {
   using S = PageState;
   if (from == to) return true;
   switch (from) {
-    case S::Absent: return to == S::Loading || to == S::Hole || to == S::Dirty || to == S::Clean;
+    case S::Absent:
+      return to == S::Loading || to == S::Hole || to == S::Dirty || to == S::Clean || to == S::Spilled;
     case S::Hole: return to == S::Dirty || to == S::Absent || to == S::Clean;
     case S::Loading:
       return to == S::Clean || to == S::Hole || to == S::Dirty || to == S::LoadingInvalidated ||

@@ -32,14 +32,32 @@ Segment::Segment(const std::string& name, uint64_t capacity) {
   }
 }
 
+Segment::Segment(const std::string& shm_path, uint64_t capacity, bool existing) : shm_path_(shm_path) {
+  int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | (existing ? 0 : O_CREAT | O_TRUNC);
+  fd_ = open(shm_path.c_str(), flags, 0600);
+  if (fd_ < 0) throw std::system_error(errno, std::generic_category(), shm_path);
+  if (existing) {
+    struct stat st;
+    if (fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) > capacity)
+      capacity = static_cast<uint64_t>(st.st_size);
+  }
+  int rc = reserve(capacity);
+  if (rc < 0) {
+    close(fd_);
+    throw std::system_error(-rc, std::generic_category(), "segment mapping for " + shm_path);
+  }
+}
+
 Segment::~Segment() {
   for (const Mapping& m : mappings_) munmap(m.addr, m.len);
   if (fd_ >= 0) close(fd_);
+  if (!shm_path_.empty() && !keep_) unlink(shm_path_.c_str());
 }
 
 int Segment::reserve(uint64_t bytes) {
   if (bytes <= capacity_ && base_) return 0;
   uint64_t cap = round_capacity(bytes);
+  if (cap < capacity_) cap = capacity_;
   // The memfd is sparse: its size costs nothing until pages are written.
   if (ftruncate(fd_, static_cast<off_t>(cap)) < 0) return -errno;
   void* p = mmap(nullptr, cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_, 0);

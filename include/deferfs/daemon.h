@@ -89,19 +89,38 @@ class Daemon final : public ControlHandler {
   static bool matches(const std::string& rel, const std::vector<std::string>& paths);
   void notifier_loop();
   int unmount_now();
-  // Opens an anonymous spill file in the source's hidden .deferfs directory.
-  int open_spill_file();
+  // Opens the spill file of source object (dev, ino) in the source's hidden
+  // .deferfs directory (named, so a restarted daemon finds it).
+  int open_spill_file(dev_t dev, ino_t ino);
+  void remove_spill_file(dev_t dev, ino_t ino);
+  // Opens the source file of `inode` for the loader and committer: read-write
+  // unless the mount is read-only or the daemon may not write it. fd or -errno.
+  int open_source(const Inode& inode, bool& writable);
+  // Hooks a File into the daemon (invalidation, spill, cache).
+  void attach(Inode& inode, const std::shared_ptr<File>& file);
+ public:
+  // Restores the staged files a previous daemon of this SOURCE left (spec
+  // 6.5). Before serving. Logs each file.
+  void recover_persisted();
+ private:
 
   // constant after construction
   const MountOptions opts_;
-  const std::string control_path_;
+  const int source_root_fd_;  // the source root (O_PATH); owned by inodes_
+  const int state_dir_fd_;    // <source>/.deferfs, or -1; owned by state_dir_owner_
+  const std::string persist_prefix_;  // /dev/shm/deferfs.KEY. (persist.h)
+  std::string control_path_;  // set by start_threads (after the daemon forked: it holds the pid)
 
+  // Owns state_dir_fd_; declared before inodes_ so it closes after the Files
+  // (which remove their spill files through it) are gone.
+  struct OwnedFd {
+    int fd;
+    ~OwnedFd();
+  } state_dir_owner_;
   Counters counters_;
   InodeTable inodes_;
   Cache cache_;
-  Committer committer_;  // after the fds it uses
-  const int source_root_fd_;  // the source root (O_PATH); owned by inodes_
-  const int state_dir_fd_;    // <source>/.deferfs, or -1; owned
+  Committer committer_;
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::unique_ptr<ControlServer> control_;
   bool discard_on_exit_ = false;  // set by umount --discard before unmounting

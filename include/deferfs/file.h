@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "deferfs/page_map.h"
+#include "deferfs/persist.h"
 #include "deferfs/segment.h"
 #include "deferfs/source.h"
 
@@ -82,11 +83,27 @@ struct CommitResult {
   uint64_t bytes_written = 0;
 };
 
+// Where a File keeps the staged state that must outlive the daemon
+// (persist.h): `prefix` + ".seg" and ".meta".
+struct PersistConfig {
+  std::string prefix;
+};
+
 class File {
  public:
   // `name` is for logs and segment names only. Takes the snapshot: records
-  // the source's identity; no data is read. Throws std::system_error.
-  File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counters, std::string name);
+  // the source's identity; no data is read. With `persist`, the segment and
+  // the staged state live in named shared memory (spec 6.5); without it (or
+  // if that fails) in a memfd. Throws std::system_error.
+  File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counters, std::string name,
+       const PersistConfig* persist = nullptr);
+
+  // Restores a file a previous daemon left staged: its segment and metadata
+  // (locked by `meta`). The snapshot is the one that daemon had; revalidate()
+  // then tells whether the source changed since. `restored` counts the
+  // staged pages found. Throws std::system_error.
+  File(std::unique_ptr<Source> source, Counters& counters, std::string name,
+       std::unique_ptr<PersistMeta> meta, const std::string& segment_path, uint64_t& restored);
   ~File();
   File(const File&) = delete;
   File& operator=(const File&) = delete;
@@ -172,8 +189,10 @@ class File {
   // released). Returns pages spilled, or -errno if the spill file failed.
   int64_t spill_dirty(uint64_t max_pages);
   // How the file gets its spill file: returns an fd (owned by the File from
-  // then on) or -errno. Without it, nothing is spilled.
-  void set_spill_opener(std::function<int()> opener);
+  // then on) or -errno. Without it, nothing is spilled. `remover` (optional)
+  // deletes a named spill file when the File ends with nothing spilled.
+  // A restored file with spilled pages opens it at once.
+  void set_spill_opener(std::function<int()> opener, std::function<void()> remover = {});
   uint64_t clean_pages();
   uint64_t dirty_resident_pages();
 
@@ -230,6 +249,8 @@ class File {
   // Copies [off, off+len) (resident pages already ensured) into out.
   void copy_out_locked(uint64_t off, size_t len, char* out);
   int ensure_spill_file_locked();
+  // Mirrors the header fields into the persisted metadata (no-op without it).
+  void persist_header_locked();
   uint64_t page_hash(uint64_t page) const;
   void drop_page(uint64_t page);  // to Absent, punching its memory
   void touch_staged();
@@ -245,7 +266,8 @@ class File {
   mutable std::mutex mutex_;
   std::condition_variable loaded_cv_;  // signalled when any Loading page settles
   std::string name_;                   // guarded
-  Segment segment_;                    // reserve/punch guarded; bytes per page state
+  std::unique_ptr<Segment> segment_;   // reserve/punch guarded; bytes per page state
+  std::unique_ptr<PersistMeta> meta_;  // guarded; null when not persistent
   PageMap map_;                        // guarded
   SourceIdentity identity_;            // guarded: the snapshot's source identity
   uint64_t base_size_ = 0;             // guarded
@@ -257,6 +279,7 @@ class File {
   bool explicit_mtime_ = false;        // guarded
   std::function<void()> invalidate_hook_;  // guarded
   std::function<int()> spill_opener_;      // guarded
+  std::function<void()> spill_remover_;    // guarded
   int spill_fd_ = -1;                      // guarded (set once); owned
   size_t clock_hand_ = 0;                  // guarded
 };

@@ -59,8 +59,9 @@ constexpr bool is_loading(PageState s) {
 
 // Allowed transitions (from -> to):
 //   Absent   -> Loading (a loader takes it), Hole (known zero), Dirty (a write
-//               past the cut mark), Clean (a write past the cut that equals the
-//               snapshot)
+//               past the cut mark; or restored from a previous daemon), Clean (a
+//               write past the cut that equals the snapshot), Spilled (restored
+//               from a previous daemon's spill file)
 //   Hole     -> Dirty (a write), Absent (truncate/discard/resnapshot), Clean
 //   Loading  -> Clean | Hole (load done), Dirty (loaded back from the spill
 //               file), LoadingInvalidated, Absent (load failed), Spilled

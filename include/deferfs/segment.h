@@ -20,7 +20,14 @@ class Segment {
   // Creates the memfd (named for /proc/PID/fd listings) with room for
   // `capacity` bytes. Throws std::system_error naming `name`.
   Segment(const std::string& name, uint64_t capacity);
-  ~Segment();
+  // A named segment: the shared-memory file `shm_path` (in /dev/shm), created
+  // empty or, with `existing`, opened as a previous daemon left it. Throws
+  // std::system_error naming the path.
+  Segment(const std::string& shm_path, uint64_t capacity, bool existing);
+  ~Segment();  // a named segment's file is removed unless keep()
+  // Keep a named segment's file when this object ends (staged data in it).
+  void keep(bool k) { keep_ = k; }
+  const std::string& shm_path() const { return shm_path_; }
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
 
@@ -41,6 +48,8 @@ class Segment {
 
  private:
   int fd_ = -1;
+  std::string shm_path_;     // empty for a memfd
+  bool keep_ = false;
   char* base_ = nullptr;     // the current (largest) mapping
   uint64_t capacity_ = 0;
   struct Mapping { char* addr; uint64_t len; };

@@ -21,11 +21,12 @@ static_assert(sizeof(kAll) / sizeof(kAll[0]) == kPageStateCount);
 // Copied word for word from the comment above transition_allowed().
 const std::set<std::pair<S, S>>& allowed_by_comment() {
   static const std::set<std::pair<S, S>> table = {
-      // Absent -> Loading, Hole, Dirty, Clean
+      // Absent -> Loading, Hole, Dirty, Clean, Spilled (restored from a previous daemon)
       {S::Absent, S::Loading},
       {S::Absent, S::Hole},
       {S::Absent, S::Dirty},
       {S::Absent, S::Clean},
+      {S::Absent, S::Spilled},
       // Hole -> Dirty, Absent, Clean
       {S::Hole, S::Dirty},
       {S::Hole, S::Absent},
