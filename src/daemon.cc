@@ -37,11 +37,12 @@ uint64_t rss_bytes() {
 
 }  // namespace
 
-Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd)
+Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink)
     : opts_(opts),
       source_root_fd_(source_root_fd),
       state_dir_fd_(state_dir_fd),
       persist_prefix_(persist_prefix(opts.source)),
+      reflink_(reflink),
       state_dir_owner_{state_dir_fd},
       inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
@@ -194,8 +195,27 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
   try {
     // Staged pages of a writable file must outlive the daemon (spec 6.5).
     PersistConfig persist{persist_prefix_ + std::to_string(inode.dev) + "." + std::to_string(inode.ino)};
-    auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), opts_.page_size, counters_,
-                                       rel_path(inode), writable ? &persist : nullptr);
+    std::unique_ptr<Source> source;
+    if (reflink_) {
+      // The snapshot is a clone: outside changes cannot reach it (spec 5.2).
+      // Taken now, before any page is served, so no window is left open.
+      try {
+        source = std::make_unique<CloneSource>(fd, writable, state_dir_fd_,
+                                               "snap." + std::to_string(inode.dev) + "." + std::to_string(inode.ino));
+      } catch (const std::system_error& e) {
+        // Another filesystem below the source (a mount inside it): guard.
+        log_info("%s: no reflink snapshot (%s); guarding it instead", rel_path(inode).c_str(),
+                 e.code().message().c_str());
+        fd = open_source(inode, writable);
+        if (fd < 0) {
+          err = -fd;
+          return nullptr;
+        }
+      }
+    }
+    if (!source) source = std::make_unique<FdSource>(fd, writable);
+    auto file = std::make_shared<File>(std::move(source), opts_.page_size, counters_, rel_path(inode),
+                                       writable ? &persist : nullptr);
     attach(inode, file);
     inode.file = file;
     return file;
@@ -587,7 +607,17 @@ int run_daemon(const MountOptions& given) {
       std::fprintf(stderr, "deferfs: %s: an interrupted sync could not be finished (see above)\n",
                    opts.source.c_str());
   }
-  Daemon daemon(opts, root_fd, state_fd);
+  // snapshot=auto picks reflink where the source filesystem can clone.
+  bool reflink = false;
+  if (opts.snapshot != SnapshotMode::Guard && state_fd >= 0) reflink = reflink_supported(state_fd);
+  if (opts.snapshot == SnapshotMode::Reflink && !reflink) {
+    std::fprintf(stderr, "deferfs: snapshot=reflink: %s cannot clone files (FICLONE): use snapshot=guard or auto\n",
+                 opts.source.c_str());
+    if (state_fd >= 0) close(state_fd);
+    close(root_fd);
+    return 2;
+  }
+  Daemon daemon(opts, root_fd, state_fd, reflink);
   if (!opts.read_only) daemon.recover_persisted();
   const fuse_lowlevel_ops ops = make_fuse_ops();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &daemon);
@@ -617,8 +647,8 @@ int run_daemon(const MountOptions& given) {
   log_set_debug(opts.debug);
   try {
     daemon.start_threads();
-    log_info("serving %s on %s (page size %llu)", opts.source.c_str(), opts.mountpoint.c_str(),
-             static_cast<unsigned long long>(opts.page_size));
+    log_info("serving %s on %s (page size %llu, %s snapshots)", opts.source.c_str(), opts.mountpoint.c_str(),
+             static_cast<unsigned long long>(opts.page_size), reflink ? "reflink" : "guarded");
     fuse_loop_config* cfg = fuse_loop_cfg_create();
     fuse_loop_cfg_set_clone_fd(cfg, 1);
     fuse_loop_cfg_set_max_threads(cfg, 16);

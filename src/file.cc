@@ -328,7 +328,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
       loaded_cv_.wait(lk);
       continue;
     }
-    if (conflict_ && from_source) {
+    if (conflict_ && from_source && !source_->stable()) {
       log_error("%s: changed outside the mount while it has staged changes; "
                 "refusing to read pages of the new source (conflict)", name_.c_str());
       return -EIO;
@@ -365,9 +365,9 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
         i = j;
       }
       // The guard of spec 5.2: trust what was read only if the source is
-      // still the snapshot's version.
+      // still the snapshot's version (a reflink clone cannot change).
       SourceIdentity now;
-      if (rc == 0 && (rc = source_->identity(now)) == 0 && now != expected) rc = -ESTALE;
+      if (rc == 0 && !source_->stable() && (rc = source_->identity(now)) == 0 && now != expected) rc = -ESTALE;
     }
     lk.lock();
 
@@ -449,6 +449,8 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   }
   identity_ = now;
   base_size_ = size_ = cut_ = now.size;
+  if (int rc = source_->refresh(); rc < 0)
+    log_error("%s: cannot take a new reflink snapshot: %s", name_.c_str(), std::strerror(-rc));
   segment_->reserve(size_);
   ++generation_;
   conflict_ = false;
@@ -462,6 +464,11 @@ File::Validity File::revalidate() {
   SourceIdentity now;
   if (source_->identity(now) < 0) return conflict_ ? Validity::Conflict : Validity::Unchanged;
   if (now == identity_) return conflict_ ? Validity::Conflict : Validity::Unchanged;
+  if (source_->stable() && !has_staged_locked() && handles.load() > 0) {
+    // A reflink snapshot in use keeps showing its version (spec 5.1: a new
+    // snapshot is taken at an open while none is live).
+    return Validity::Unchanged;
+  }
   if (!source_changed_locked()) return Validity::Conflict;
   return Validity::Resnapshotted;
 }
@@ -634,7 +641,7 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
       i = j;
     }
     SourceIdentity now;
-    ok = ok && source_->identity(now) == 0 && now == expected;
+    ok = ok && (source_->stable() || (source_->identity(now) == 0 && now == expected));
   }
   lk.lock();
   // Leaving a page Dirty is always safe: sync compares with the source again.
@@ -792,6 +799,9 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
   base_size_ = plan.final_size;
   cut_ = std::min(size_, plan.final_size);
   ++generation_;
+  // A reflink snapshot follows the commit: the source is the new base.
+  if (int rc = source_->refresh(); rc < 0)
+    log_error("%s: cannot take a new reflink snapshot after sync: %s", name_.c_str(), std::strerror(-rc));
   if (forced && conflict_) {
     // Pages loaded from the old source are not the new base: drop them.
     for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {

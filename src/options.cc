@@ -18,7 +18,7 @@ constexpr uint64_t kMinPageSize = 4096;
 constexpr uint64_t kMaxPageSize = 2 << 20;
 
 // Options of later work: rejected, never accepted and ignored.
-constexpr std::string_view kNotYet[] = {"snapshot", "readahead"};
+constexpr std::string_view kNotYet[] = {"readahead"};
 
 // Standard mount and FUSE options without a value, passed to libfuse.
 constexpr std::string_view kFuseFlags[] = {
@@ -172,6 +172,14 @@ void apply_option(MountOptions& mo, const std::string& item) {
   const NameValue nv = split_option(item);
   if (one_of(nv.name, kNotYet)) throw UsageError("option '" + nv.name + "' is not supported yet");
   if (nv.name == "page_size") return set_page_size(mo, nv);
+  if (nv.name == "snapshot") {
+    require_value(nv);
+    if (nv.value == "auto") mo.snapshot = SnapshotMode::Auto;
+    else if (nv.value == "reflink") mo.snapshot = SnapshotMode::Reflink;
+    else if (nv.value == "guard") mo.snapshot = SnapshotMode::Guard;
+    else throw UsageError("option 'snapshot=" + nv.value + "': must be auto, reflink or guard");
+    return;
+  }
   if (nv.name == "cache_size" || nv.name == "dirty_limit") {
     require_value(nv);
     const uint64_t n = parse_size(nv.value, nv.name);

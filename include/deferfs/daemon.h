@@ -31,7 +31,8 @@ class Daemon final : public ControlHandler {
  public:
   // `state_dir_fd`: the source's hidden .deferfs directory (journal, spill
   // files), or -1 when it cannot exist (read-only source).
-  Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd);
+  // `reflink`: snapshots are reflink clones in the state directory.
+  Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink);
   ~Daemon() override;
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -76,6 +77,7 @@ class Daemon final : public ControlHandler {
   // Sync everything staged; used at exit (signal, fusermount3 -u). Logs.
   void final_sync();
   bool discard_on_exit() const { return discard_on_exit_; }
+  bool reflink() const { return reflink_; }
 
   void start_threads();
   void stop_threads();
@@ -109,6 +111,7 @@ class Daemon final : public ControlHandler {
   const int source_root_fd_;  // the source root (O_PATH); owned by inodes_
   const int state_dir_fd_;    // <source>/.deferfs, or -1; owned by state_dir_owner_
   const std::string persist_prefix_;  // /dev/shm/deferfs.KEY. (persist.h)
+  const bool reflink_;                // snapshots are reflink clones (spec 5.2)
   std::string control_path_;  // set by start_threads (after the daemon forked: it holds the pid)
 
   // Owns state_dir_fd_; declared before inodes_ so it closes after the Files

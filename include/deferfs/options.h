@@ -10,6 +10,8 @@
 namespace deferfs {
 
 enum class FsyncMode { Commit, Stage };
+// How a snapshot is protected from changes made outside the mount (spec 5.2).
+enum class SnapshotMode { Auto, Reflink, Guard };
 
 struct MountOptions {
   std::string source;       // absolute, resolved before the mount (fuse_daemonize chdirs to /)
@@ -18,6 +20,7 @@ struct MountOptions {
   bool debug = false;       // -d (implies -f)
   uint64_t page_size = 4096;
   FsyncMode fsync = FsyncMode::Commit;
+  SnapshotMode snapshot = SnapshotMode::Auto;
   bool read_only = false;
   // Memory limits (spec 3, 7.2); 0 until resolved: half of RAM and a quarter
   // of RAM by default (resolve_memory_defaults).
@@ -44,8 +47,8 @@ uint64_t parse_size(const std::string& text, const std::string& what);
 // Parses argv of the mount form (after "deferfs" and an optional "mount"):
 // SOURCE MOUNTPOINT [-o OPTS]... [-f] [-d], options anywhere. Checks that
 // SOURCE and MOUNTPOINT exist and are directories and resolves them.
-// Options that belong to later work (snapshot, readahead) are rejected as
-// "not supported yet".
+// Options that belong to later work (readahead) are rejected as "not
+// supported yet".
 MountOptions parse_mount_args(const std::vector<std::string>& args);
 
 std::string default_state_dir();

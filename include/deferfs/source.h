@@ -49,6 +49,12 @@ class Source {
   virtual int64_t next_hole(uint64_t off) = 0;
   // True if write/truncate can work (the file was opened for writing).
   virtual bool writable() const = 0;
+  // True if reads come from a private copy that outside changes cannot
+  // reach (a reflink clone): loads need no identity guard.
+  virtual bool stable() const { return false; }
+  // Takes a new private copy of the source (after a commit, or a new
+  // snapshot). 0 or -errno; a no-op for sources without one.
+  virtual int refresh() { return 0; }
 };
 
 // A source file of the mounted directory. Owns one fd.
@@ -76,5 +82,40 @@ class FdSource final : public Source {
   const int fd_;
   const bool writable_;
 };
+
+// A snapshot kept as a reflink clone (spec 5.2, snapshot=reflink): reads and
+// hole queries go to the clone, writes and the identity to the source.
+class CloneSource final : public Source {
+ public:
+  // Clones `source_fd` (owned from now on) into `clone_name` in `dir_fd`
+  // (the source's .deferfs). Throws std::system_error (EOPNOTSUPP, EXDEV
+  // when the filesystem cannot clone).
+  CloneSource(int source_fd, bool writable, int dir_fd, std::string clone_name);
+  ~CloneSource() override;  // removes the clone
+  CloneSource(const CloneSource&) = delete;
+  CloneSource& operator=(const CloneSource&) = delete;
+
+  ssize_t read(void* buf, size_t len, uint64_t off) override;
+  int write(const void* buf, size_t len, uint64_t off) override;
+  int truncate(uint64_t size) override;
+  int zero(uint64_t off, uint64_t len) override;
+  int sync() override;
+  int set_mtime(const struct timespec& mtime) override;
+  int identity(SourceIdentity& out) override;
+  int64_t next_data(uint64_t off) override;
+  int64_t next_hole(uint64_t off) override;
+  bool writable() const override { return source_.writable(); }
+  bool stable() const override { return true; }
+  int refresh() override;
+
+ private:
+  FdSource source_;
+  const int dir_fd_;
+  const std::string clone_name_;
+  int clone_fd_ = -1;
+};
+
+// True if `dir_fd`'s filesystem can clone files (probes with two files).
+bool reflink_supported(int dir_fd);
 
 }  // namespace deferfs

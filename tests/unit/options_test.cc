@@ -207,11 +207,14 @@ TEST_F(MountArgs, MemoryLimitsAreParsed) {
 }
 
 TEST_F(MountArgs, LaterOptionsAreRejectedNotIgnored) {
-  for (const char* name : {"snapshot", "readahead"}) {
+  for (const char* name : {"readahead"}) {
     expect_option_error(std::string(name) + "=1M", {std::string("option '") + name + "' is not supported yet"});
     expect_option_error(name, {std::string("option '") + name + "' is not supported yet"});
   }
-  expect_option_error("snapshot=guard", {"option 'snapshot' is not supported yet"});
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=guard"}).snapshot, SnapshotMode::Guard);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=reflink"}).snapshot, SnapshotMode::Reflink);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string()}).snapshot, SnapshotMode::Auto);
+  expect_option_error("snapshot=copy", {"snapshot=copy", "auto, reflink or guard"});
 }
 
 TEST_F(MountArgs, StandardFuseOptionsArePassed) {
