@@ -847,8 +847,15 @@ nlohmann::json control_call(const std::string& socket_path, const ControlRequest
                         std::to_string(kMaxMessageBytes) + "; name fewer paths");
   }
   UniqueFd sock = new_socket(socket_path);
-  if (int err = try_connect(sock.get(), socket_path)) {
-    throw ControlConnectError(err, std::generic_category(), "connect to " + socket_path);
+  // A refused connection to a socket that exists is transient (a daemon
+  // between bind and listen, or replacing a stale socket): retry briefly.
+  for (int attempt = 0;; ++attempt) {
+    int err = try_connect(sock.get(), socket_path);
+    if (err == 0) break;
+    if (err != ECONNREFUSED || attempt >= 20)
+      throw ControlConnectError(err, std::generic_category(), "connect to " + socket_path);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    sock = new_socket(socket_path);
   }
   set_timeout(sock.get(), SO_SNDTIMEO, ControlServer::kIoTimeoutMs);
 

@@ -94,14 +94,14 @@ File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
     }
     if (meta_->get(p) == PersistedPage::InSegment) {
       set_page_state(p, PageState::Dirty);
-      if (p > next_free) segment_->punch(next_free * page_size_, (p - next_free) * page_size_);
+      if (p > next_free) punch_locked(next_free * page_size_, (p - next_free) * page_size_);
       next_free = p + 1;
     } else {
       set_page_state(p, PageState::Spilled);
     }
     ++restored;
   }
-  segment_->punch(next_free * page_size_, segment_->capacity() - std::min(segment_->capacity(), next_free * page_size_));
+  punch_locked(next_free * page_size_, segment_->capacity() - std::min(segment_->capacity(), next_free * page_size_));
   meta_->keep(false);
 }
 
@@ -209,10 +209,63 @@ bool File::page_is_zero(uint64_t page) const { return all_zero(page_bytes(page),
 
 uint64_t File::page_hash(uint64_t page) const { return hash32(page_bytes(page), page_size_); }
 
+void File::punch_locked(uint64_t off, uint64_t len) {
+  if (pins_ == 0) {
+    segment_->punch(off, len);
+    return;
+  }
+  pending_punch_.push_back({off, len});
+}
+
+ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
+  const uint64_t ps = page_size_;
+  std::unique_lock lk(mutex_);
+  if (off >= size_ || len == 0) return 0;
+  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  int rc = ensure_loaded(lk, off / ps, div_up(off + len, ps));
+  if (rc < 0) return rc;
+  if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
+  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  for (uint64_t p = off / ps; p * ps < off + len; ++p) {
+    uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
+    PageEntry* e = map_.find(p);
+    if (e) e->flags |= PageEntry::kReferenced;
+    const bool zeros = !(e && is_resident(e->state));
+    if (!out.empty() && out.back().zeros == zeros && (zeros || out.back().off + out.back().len == a))
+      out.back().len += b - a;
+    else
+      out.push_back({zeros, a, b - a});
+  }
+  ++pins_;
+  return static_cast<ssize_t>(len);
+}
+
+void File::unpin() {
+  std::lock_guard lk(mutex_);
+  if (--pins_ > 0 || pending_punch_.empty()) return;
+  // Nobody sends from the segment now: free what was deferred, except pages
+  // that became resident (or are being loaded) again meanwhile.
+  const uint64_t ps = page_size_;
+  for (const auto& [off, len] : pending_punch_) {
+    const uint64_t end = std::min(off + len, segment_->capacity());
+    // Punch the gaps between the pages that must stay (O(entries), not O(range)).
+    std::vector<uint64_t> keep = map_.collect(off / ps, div_up(end, ps), [](const PageEntry& e) {
+      return is_resident(e.state) || is_loading(e.state);
+    });
+    uint64_t from = off;
+    for (uint64_t p : keep) {
+      if (p * ps > from) segment_->punch(from, p * ps - from);
+      from = std::max(from, (p + 1) * ps);
+    }
+    if (end > from) segment_->punch(from, end - from);
+  }
+  pending_punch_.clear();
+}
+
 void File::drop_page(uint64_t page) {
   PageState st = map_.state(page);
   set_page_state(page, PageState::Absent);
-  if (is_resident(st) || is_loading(st)) segment_->punch(page * page_size_, page_size_);
+  if (is_resident(st) || is_loading(st)) punch_locked(page * page_size_, page_size_);
   if (st == PageState::Spilled && spill_fd_ >= 0)
     fallocate(spill_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               static_cast<off_t>(page * page_size_), static_cast<off_t>(page_size_));
@@ -382,7 +435,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
                       static_cast<off_t>(p * ps), static_cast<off_t>(ps));
         } else if (spill_rc < 0) {
           set_page_state(p, PageState::Spilled);  // still staged in the spill file
-          segment_->punch(p * ps, ps);
+          punch_locked(p * ps, ps);
         } else {
           set_page_state(p, PageState::Dirty)->flags |= PageEntry::kReferenced;
         }
@@ -390,7 +443,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
         drop_page(p);
       } else if (hole[i]) {
         set_page_state(p, PageState::Hole);
-        segment_->punch(p * ps, ps);
+        punch_locked(p * ps, ps);
       } else {
         set_page_state(p, PageState::Clean)->flags |= PageEntry::kReferenced;
       }
@@ -702,7 +755,7 @@ int File::truncate(uint64_t new_size) {
     else if (st != PageState::LoadingInvalidated)
       drop_page(p);
   }
-  segment_->punch(fp * ps, segment_->capacity() - std::min(segment_->capacity(), fp * ps));
+  punch_locked(fp * ps, segment_->capacity() - std::min(segment_->capacity(), fp * ps));
   cut_ = std::min(cut_, new_size);
   size_ = new_size;
   touch_staged();
@@ -830,7 +883,7 @@ uint64_t File::discard() {
   for (uint64_t p : map_.collect(beyond, std::numeric_limits<uint64_t>::max(),
                                  [](const PageEntry& e) { return !is_loading(e.state); }))
     drop_page(p);
-  segment_->punch(beyond * ps, segment_->capacity() - std::min(segment_->capacity(), beyond * ps));
+  punch_locked(beyond * ps, segment_->capacity() - std::min(segment_->capacity(), beyond * ps));
   size_ = cut_ = base_size_;
   staged_mtime_ = {};
   explicit_mtime_ = false;
@@ -916,7 +969,7 @@ int64_t File::spill_dirty(uint64_t max_pages) {
     e->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
     if (rc == 0 && intact) {
       set_page_state(p, PageState::Spilled);
-      segment_->punch(p * ps, ps);
+      punch_locked(p * ps, ps);
       ++spilled;
     }
   }

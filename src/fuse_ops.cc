@@ -122,8 +122,10 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // behind it (re-snapshot, discard): keep it across mtime changes.
   if (conn->capable & FUSE_CAP_EXPLICIT_INVAL_DATA) conn->want |= FUSE_CAP_EXPLICIT_INVAL_DATA;
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  // Replies are spliced from the segments. Never SPLICE_MOVE: the kernel
+  // could steal a page out of a segment.
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
-  if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+  conn->want &= ~FUSE_CAP_SPLICE_MOVE;
 }
 
 // ------------------------------------------------------------ lookup, attrs
@@ -409,30 +411,55 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 }
 
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
-  Handle* h = reinterpret_cast<Handle*>(fi->fh);
-  Daemon& d = daemon_of(req);  // req is gone once replied to
-  // Copied out under the file's lock: eviction may free the pages as soon as
-  // it is released (see File::read_into).
-  thread_local std::vector<char> buf;
-  if (buf.size() < size) buf.resize(size);
-  ssize_t n = h->file->read_into(static_cast<uint64_t>(off), size, buf.data());
+  // Once replied to, req is gone and the handle may be released by another
+  // thread at any moment: keep what is used afterwards.
+  Daemon& d = daemon_of(req);
+  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
+  // Replied straight from the segment's fd (libfuse splices it into
+  // /dev/fuse): no copy in the daemon. The file stays pinned until the reply
+  // is sent, so eviction cannot free those pages meanwhile.
+  std::vector<File::Extent> extents;
+  ssize_t n = file->read_pinned(static_cast<uint64_t>(off), size, extents);
   if (n < 0) {
     fuse_reply_err(req, static_cast<int>(-n));
   } else {
-    fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+    static const std::vector<char> zeros(2u << 20, 0);  // holes and cut pages
+    const size_t count = std::max<size_t>(extents.size(), 1);
+    std::vector<char> storage(sizeof(fuse_bufvec) + (count - 1) * sizeof(fuse_buf));
+    auto* bufv = reinterpret_cast<fuse_bufvec*>(storage.data());
+    *bufv = FUSE_BUFVEC_INIT(0);
+    bufv->count = extents.size();
+    for (size_t i = 0; i < extents.size(); ++i) {
+      fuse_buf& b = bufv->buf[i];
+      b = fuse_buf{};
+      b.size = extents[i].len;
+      if (extents[i].zeros) {
+        // Zero runs are at most one request long (<= max_read <= 2 MiB).
+        b.mem = const_cast<char*>(zeros.data());
+      } else {
+        b.flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY);
+        b.fd = file->segment_fd();
+        b.pos = static_cast<off_t>(extents[i].off);
+      }
+    }
+    if (extents.empty()) bufv->buf[0].size = 0;
+    fuse_reply_data(req, bufv, FUSE_BUF_SPLICE_NONBLOCK);
+    file->unpin();
   }
-  d.cache().balance(h->file.get());
+  d.cache().balance(file.get());
 }
 
 void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
-  Handle* h = reinterpret_cast<Handle*>(fi->fh);
-  Daemon& d = daemon_of(req);  // req is gone once replied to
-  ssize_t n = h->file->write(buf, size, static_cast<uint64_t>(off));
+  // Once replied to, req is gone and the handle may be released by another
+  // thread at any moment: keep what is used afterwards.
+  Daemon& d = daemon_of(req);
+  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
+  ssize_t n = file->write(buf, size, static_cast<uint64_t>(off));
   if (n < 0)
     fuse_reply_err(req, static_cast<int>(-n));
   else
     fuse_reply_write(req, static_cast<size_t>(n));
-  d.cache().balance(h->file.get());
+  d.cache().balance(file.get());
 }
 
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }

@@ -123,6 +123,21 @@ class File {
   // the lock, so eviction can never free them mid-reply.
   ssize_t read_into(uint64_t off, size_t len, char* out);
 
+  // A read to be replied straight from the segment's fd (splice): the ranges
+  // to send in order, each either bytes of the segment at `off` or zeros.
+  // The file stays pinned until unpin(): memory a pinned reply may still be
+  // sending is not punched (eviction, truncate, spill defer their punches).
+  struct Extent {
+    bool zeros;
+    uint64_t off;  // segment offset (== file offset) when !zeros
+    uint64_t len;
+  };
+  // Returns the byte count (short at end of file) or -errno; on success the
+  // caller must call unpin() once the reply is sent.
+  ssize_t read_pinned(uint64_t off, size_t len, std::vector<Extent>& out);
+  void unpin();
+  int segment_fd() const { return segment_->fd(); }
+
   // Stages a write. Pages whose bytes do not change are counted as skipped
   // and stay as they were. Returns `len` or -errno.
   ssize_t write(const char* buf, size_t len, uint64_t off);
@@ -253,6 +268,10 @@ class File {
   void persist_header_locked();
   uint64_t page_hash(uint64_t page) const;
   void drop_page(uint64_t page);  // to Absent, punching its memory
+  // Punches [off, off+len) of the segment, or defers it while replies are
+  // pinned; the deferred punch later frees only pages that are not resident
+  // or loading by then.
+  void punch_locked(uint64_t off, uint64_t len);
   void touch_staged();
 
   // constant after construction
@@ -282,6 +301,8 @@ class File {
   std::function<void()> spill_remover_;    // guarded
   int spill_fd_ = -1;                      // guarded (set once); owned
   size_t clock_hand_ = 0;                  // guarded
+  uint64_t pins_ = 0;                      // guarded: replies in flight from the segment
+  std::vector<std::pair<uint64_t, uint64_t>> pending_punch_;  // guarded: (off, len) deferred while pinned
 };
 
 }  // namespace deferfs

@@ -28,6 +28,10 @@ alternating order (direct, mount, direct, mount, ... for each case and round):
      segments (the file is read whole through the mount first), source hot;
      --hot-rand-ios IOs on both sides
 
+The daemon and the CLI run from a copy of the deferfs binary, and the
+daemon's control socket lives in a private state_dir under the work
+directory (others rebuild and mount on this shared machine: see benchlib.py).
+
 Then open + first 4 KiB read with cold caches (drop_caches before each
 sample), direct vs through the mount, median of --open-samples.
 

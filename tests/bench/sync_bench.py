@@ -33,6 +33,10 @@ Per round and variant, alternating:
   since they were made); cold: drop_caches right before each timed operation
   (staged pages survive it: they are in deferfs's segments).
 
+The daemon and the CLI run from a copy of the deferfs binary, and the
+daemon's control socket lives in a private state_dir under the work
+directory (others rebuild and mount on this shared machine: see benchlib.py).
+
 Prints medians over the rounds with their spread, the ratios sync/baseline
 (target <= 2.0 for 4 GiB) and sync(64G)/sync(4G) (target <= 1.5). Never
 asserts a timing: exits 1 only on a correctness failure, 77 when not root.
