@@ -623,6 +623,8 @@ void print_usage(std::FILE* out) {
       "\n"
       "Mounting: -f stays in the foreground, -d prints FUSE debugging (implies -f).\n"
       "Mount options (-o): page_size=N (4k..2M, a power of two), fsync=commit|stage,\n"
+      "  cache_size=N (default half of RAM), dirty_limit=N (default a quarter of RAM),\n"
+      "  snapshot=auto|reflink|guard (default auto),\n"
       "  ro, state_dir=DIR, allow_other, default_permissions and the usual FUSE and\n"
       "  mount options (fsname=, subtype=, max_read=, nosuid, nodev, noatime, ...).\n"
       "  Sizes accept k, M and G suffixes.\n"

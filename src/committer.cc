@@ -74,7 +74,9 @@ class Committer::LiveTarget : public JournalTarget {
 
 Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)
     : counters_(counters), source_root_fd_(source_root_fd), journal_dir_fd_(journal_dir_fd) {
-  if (journal_dir_fd_ >= 0) return;
+  // A mount without its .deferfs directory gets no journal (syncs fail with
+  // a message): a journal elsewhere would not be found after a crash.
+  if (journal_dir_fd_ >= 0 || source_root_fd_ >= 0) return;
   char tmpl[] = "/tmp/deferfs-journal.XXXXXX";
   if (mkdtemp(tmpl)) {
     temp_dir_ = tmpl;
@@ -148,7 +150,7 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
     uint64_t off = first * ps;
     uint64_t end = std::min((first + count) * ps, zero_end);
     if (off >= end) continue;
-    int64_t d = src.next_data(off);
+    int64_t d = src.next_data_live(off);
     if (d < 0) return static_cast<int>(d);
     if (static_cast<uint64_t>(d) >= end) {
       result.pages_skipped += count;
@@ -160,49 +162,81 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
 
   // Staged pages, in runs of consecutive pages: read the source's bytes and
   // journal only the pages that differ, neighbours coalesced. Writeback
-  // pages come from the segment, Spilled ones from the spill file.
+  // pages come from the segment, Spilled ones from the spill file. The
+  // source is read a window of runs at a time, in one batch (io_uring), so
+  // scattered pages do not cost one synchronous read each.
   const uint64_t batch_pages = std::max<uint64_t>(1, kBatchBytes / ps);
-  std::vector<char> old(batch_pages * ps), spilled_bytes;
+  constexpr size_t kWindowRuns = 64;
+  constexpr uint64_t kWindowBytes = uint64_t{16} << 20;
+  std::vector<char> spilled_bytes;
+  struct Run {
+    size_t i, j;  // pages[i..j)
+    uint64_t off, len;
+  };
   auto journal_pages = [&](const std::vector<uint64_t>& pages, bool spilled) -> int {
+    std::vector<Run> runs;
     for (size_t i = 0; i < pages.size();) {
       size_t j = i + 1;
       while (j < pages.size() && j - i < batch_pages && pages[j] == pages[j - 1] + 1) ++j;
       const uint64_t off = pages[i] * ps;
-      const uint64_t len = std::min<uint64_t>((j - i) * ps, plan.final_size - off);
-      std::memset(old.data(), 0, len);
-      if (off < plan.source_size) {
-        ssize_t n = src.read(old.data(), std::min(len, plan.source_size - off), off);
-        if (n < 0) return static_cast<int>(n);
-      }
-      const char* now = file.page_bytes(pages[i]);
-      if (spilled) {
-        spilled_bytes.resize((j - i) * ps);
-        for (size_t k = i; k < j; ++k)
-          if (int rc = file.read_spilled(pages[k], spilled_bytes.data() + (k - i) * ps); rc < 0) return rc;
-        now = spilled_bytes.data();
-      }
-      uint64_t run_start = 0, run_len = 0;
-      auto flush = [&] {
-        if (run_len) journal.write(off + run_start, now + run_start, run_len);
-        result.bytes_written += run_len;
-        run_len = 0;
-      };
-      for (uint64_t a = 0; a < len; a += ps) {
-        uint64_t b = std::min(a + ps, len);
-        if (std::memcmp(now + a, old.data() + a, b - a) == 0) {
-          ++result.pages_skipped;
-          flush();
-          continue;
-        }
-        ++result.pages_written;
-        if (run_len == 0) run_start = a;
-        run_len = b - run_start;
-      }
-      flush();
-      if (journal.error()) return journal.error();
-      done += j - i;
-      if (progress) progress(done, total);
+      runs.push_back({i, j, off, std::min<uint64_t>((j - i) * ps, plan.final_size - off)});
       i = j;
+    }
+    std::vector<char> window;
+    std::vector<ReadRequest> reads;
+    for (size_t w = 0; w < runs.size();) {
+      // A window of runs: read their source bytes together.
+      size_t we = w;
+      uint64_t bytes = 0;
+      while (we < runs.size() && we - w < kWindowRuns && (bytes == 0 || bytes + runs[we].len <= kWindowBytes))
+        bytes += runs[we++].len;
+      window.assign(bytes, 0);
+      reads.clear();
+      uint64_t at = 0;
+      for (size_t k = w; k < we; ++k) {
+        const Run& run = runs[k];
+        if (run.off < plan.source_size)
+          reads.push_back({window.data() + at, static_cast<size_t>(std::min(run.len, plan.source_size - run.off)),
+                           run.off});
+        at += run.len;
+      }
+      if (int rc = src.read_batch_live(reads); rc < 0) return rc;
+      if (int rc = unchanged(); rc < 0) return rc;
+      at = 0;
+      for (size_t k = w; k < we; ++k) {
+        const Run& run = runs[k];
+        const char* old = window.data() + at;
+        at += run.len;
+        const char* now = file.page_bytes(pages[run.i]);
+        if (spilled) {
+          spilled_bytes.resize((run.j - run.i) * ps);
+          for (size_t q = run.i; q < run.j; ++q)
+            if (int rc = file.read_spilled(pages[q], spilled_bytes.data() + (q - run.i) * ps); rc < 0) return rc;
+          now = spilled_bytes.data();
+        }
+        uint64_t run_start = 0, run_len = 0;
+        auto flush = [&] {
+          if (run_len) journal.write(run.off + run_start, now + run_start, run_len);
+          result.bytes_written += run_len;
+          run_len = 0;
+        };
+        for (uint64_t a = 0; a < run.len; a += ps) {
+          uint64_t b = std::min(a + ps, run.len);
+          if (std::memcmp(now + a, old + a, b - a) == 0) {
+            ++result.pages_skipped;
+            flush();
+            continue;
+          }
+          ++result.pages_written;
+          if (run_len == 0) run_start = a;
+          run_len = b - run_start;
+        }
+        flush();
+        done += run.j - run.i;
+      }
+      if (journal.error()) return journal.error();
+      if (progress) progress(done, total);
+      w = we;
     }
     return 0;
   };
@@ -257,6 +291,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
   // Every file is ended exactly once: committed, or back to staged. On
   // failure, `culprit` (if any) is the file that caused it: in conflict when
   // `conflict`, else failed with `cause`; the others are "not committed".
+  int fail_code = EIO;  // the errno of the failure being reported
   auto end_all = [&](bool ok, const std::string& cause, const Job* culprit, bool conflict) {
     for (auto& job : jobs) {
       File& f = *job->target->file;
@@ -279,7 +314,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
       }
       std::string why = is_culprit || !culprit ? cause : "not committed: " + cause;
       log_error("%s: sync failed: %s; its staged pages are kept", job->target->path.c_str(), why.c_str());
-      report.failed.push_back({job->target->path, why});
+      report.failed.push_back({job->target->path, why, fail_code});
     }
   };
 
@@ -299,6 +334,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
       return report;
     }
     if (rc < 0) {
+      fail_code = -rc;
       const bool journal_failed = journal.error() != 0;
       end_all(false, std::string(std::strerror(-rc)) +
                          (journal_failed ? " (writing the sync journal)" : " (reading the source)"),
@@ -308,6 +344,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
   }
   // 2. Decide.
   if (int rc = journal.commit(); rc < 0) {
+    fail_code = -rc;
     end_all(false, std::string(std::strerror(-rc)) + " (writing the sync journal)", nullptr, false);
     return report;
   }
@@ -324,6 +361,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
     return report;
   }
   if (rc < 0) {
+    fail_code = -rc;
     end_all(false, std::string(std::strerror(-rc)) + " (applying the sync; the next sync finishes it)",
             target.failed(), false);
     return report;

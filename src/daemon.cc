@@ -276,6 +276,35 @@ void Daemon::recover_persisted() {
     // No kernel reference: the Inode stays in the table while it has staged data.
     inodes_.forget(inodes_.nodeid(*inode), 1);
   }
+  // Spill files and reflink clones no restored file uses: left by a daemon
+  // whose shared memory did not survive (a reboot). Another live daemon of
+  // this source holds its metadata locked, and its files are kept.
+  if (state_dir_fd_ < 0) return;
+  DIR* d = fdopendir(dup(state_dir_fd_));
+  if (!d) return;
+  std::vector<std::string> stale;
+  while (dirent* e = readdir(d)) {
+    std::string n = e->d_name;
+    bool spill = n.rfind("spill.", 0) == 0, snap = n.rfind("snap.", 0) == 0;
+    if (!spill && !snap) continue;
+    unsigned long long dev = 0, ino = 0;
+    if (std::sscanf(n.c_str() + (spill ? 6 : 5), "%llu.%llu", &dev, &ino) != 2) continue;
+    std::shared_ptr<Inode> in = inodes_.find(static_cast<dev_t>(dev), static_cast<ino_t>(ino));
+    bool used = in && [&] {
+      std::lock_guard lk(in->m);
+      return in->file != nullptr;
+    }();
+    // Staged state that still names it (a live daemon of the same source,
+    // or a restore that failed and was kept) keeps it too.
+    std::string meta = persist_prefix_ + std::to_string(dev) + "." + std::to_string(ino) + ".meta";
+    if (!used && access(meta.c_str(), F_OK) != 0) stale.push_back(n);
+  }
+  closedir(d);
+  for (const std::string& n : stale) {
+    unlinkat(state_dir_fd_, n.c_str(), 0);
+    log_info("%s/.deferfs/%s: removed (left by an earlier daemon, nothing refers to it)", opts_.source.c_str(),
+             n.c_str());
+  }
 }
 
 static std::string spill_name(dev_t dev, ino_t ino) {
@@ -313,7 +342,8 @@ int Daemon::commit_one(Inode& inode) {
   std::string path = rel_path(inode);
   SyncReport r = committer_.commit({{file, path}}, false);
   if (!r.conflicts.empty()) return -EIO;
-  if (!r.failed.empty()) return -EIO;
+  // The matching errno for the client (spec 8.3): ENOSPC stays ENOSPC.
+  if (!r.failed.empty()) return -(r.failed.front().code ? r.failed.front().code : EIO);
   return 0;
 }
 
@@ -641,8 +671,12 @@ int run_daemon(const MountOptions& given) {
   bool reflink = false;
   if (opts.snapshot != SnapshotMode::Guard && state_fd >= 0) reflink = reflink_supported(state_fd);
   if (opts.snapshot == SnapshotMode::Reflink && !reflink) {
-    std::fprintf(stderr, "deferfs: snapshot=reflink: %s cannot clone files (FICLONE): use snapshot=guard or auto\n",
-                 opts.source.c_str());
+    if (opts.read_only)
+      std::fprintf(stderr, "deferfs: snapshot=reflink: not with ro (the clones live in %s/.deferfs, "
+                           "which a read-only mount does not write)\n", opts.source.c_str());
+    else
+      std::fprintf(stderr, "deferfs: snapshot=reflink: %s cannot clone files (FICLONE): use snapshot=guard or auto\n",
+                   opts.source.c_str());
     if (state_fd >= 0) close(state_fd);
     close(root_fd);
     return 2;

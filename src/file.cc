@@ -113,6 +113,9 @@ File::~File() {
   if (meta_) meta_->keep(keep);
   segment_->keep(keep);
   if (!keep && spill_remover_ && map_.count(PageState::Spilled) == 0) spill_remover_();
+  // Detach the metadata first: the loop below must not record those pages
+  // as unstaged in a file kept for the next mount.
+  std::unique_ptr<PersistMeta> meta = std::move(meta_);
   // Give the memory back to the gauges: the segment goes with us.
   for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(),
                                  [](const PageEntry&) { return true; })) {

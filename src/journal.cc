@@ -45,15 +45,33 @@ int read_all(int fd, char* p, size_t n, uint64_t off) {
   return 0;
 }
 
-// Sequential reader of the journal body with bounds checks.
+// Sequential reader of the journal body with bounds checks, buffered: the
+// records are small and many (one per changed page run).
 class Reader {
  public:
-  Reader(int fd, uint64_t end) : fd_(fd), end_(end) {}
+  Reader(int fd, uint64_t end) : fd_(fd), end_(end), buf_(kBufBytes) {}
   int get(void* out, uint64_t n) {
     if (n > end_ - pos_) return -EINVAL;
-    int rc = read_all(fd_, static_cast<char*>(out), n, pos_);
-    pos_ += n;
-    return rc;
+    char* dst = static_cast<char*>(out);
+    while (n) {
+      if (pos_ < buf_off_ || pos_ >= buf_off_ + buf_len_) {
+        if (n >= buf_.size()) {  // large data: straight into the caller's buffer
+          int rc = read_all(fd_, dst, n, pos_);
+          pos_ += n;
+          return rc;
+        }
+        size_t want = static_cast<size_t>(std::min<uint64_t>(buf_.size(), end_ - pos_));
+        if (int rc = read_all(fd_, buf_.data(), want, pos_); rc < 0) return rc;
+        buf_off_ = pos_;
+        buf_len_ = want;
+      }
+      size_t k = static_cast<size_t>(std::min<uint64_t>(n, buf_off_ + buf_len_ - pos_));
+      std::memcpy(dst, buf_.data() + (pos_ - buf_off_), k);
+      dst += k;
+      pos_ += k;
+      n -= k;
+    }
+    return 0;
   }
   uint64_t pos() const { return pos_; }
   uint64_t left() const { return end_ - pos_; }
@@ -63,6 +81,9 @@ class Reader {
   int fd_;
   uint64_t end_;
   uint64_t pos_ = kHeaderBytes;
+  std::vector<char> buf_;
+  uint64_t buf_off_ = 0;
+  uint64_t buf_len_ = 0;
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "deferfs/source.h"
 
 #include <fcntl.h>
+#include <liburing.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -17,6 +18,100 @@ bool SourceIdentity::operator==(const SourceIdentity& o) const {
          mtime.tv_nsec == o.mtime.tv_nsec && ctime.tv_sec == o.ctime.tv_sec &&
          ctime.tv_nsec == o.ctime.tv_nsec;
 }
+
+int Source::read_batch(std::vector<ReadRequest>& reqs) {
+  int first_err = 0;
+  for (ReadRequest& r : reqs) {
+    r.result = read(r.buf, r.len, r.off);
+    if (r.result < 0 && !first_err) first_err = static_cast<int>(r.result);
+  }
+  return first_err;
+}
+
+namespace {
+
+// A ring per thread: sources are read from several threads at once.
+struct Ring {
+  io_uring ring{};
+  bool ok = false;
+  Ring() { ok = io_uring_queue_init(64, &ring, 0) == 0; }
+  ~Ring() {
+    if (ok) io_uring_queue_exit(&ring);
+  }
+};
+
+}  // namespace
+
+int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) {
+  thread_local Ring r;
+  if (!r.ok) {  // no io_uring (old kernel, seccomp): plain preads
+    int first_err = 0;
+    for (ReadRequest& q : reqs) {
+      size_t done = 0;
+      while (done < q.len) {
+        ssize_t n = pread(fd, static_cast<char*>(q.buf) + done, q.len - done, static_cast<off_t>(q.off + done));
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (n < 0) {
+          q.result = -errno;
+          break;
+        }
+        if (n == 0) break;
+        done += static_cast<size_t>(n);
+      }
+      if (q.result >= 0) q.result = static_cast<ssize_t>(done);
+      if (q.result < 0 && !first_err) first_err = static_cast<int>(q.result);
+    }
+    return first_err;
+  }
+  // Each request's progress: bytes done so far; resubmitted until full, EOF
+  // or an error.
+  std::vector<size_t> done(reqs.size(), 0);
+  std::vector<size_t> todo;
+  for (size_t i = 0; i < reqs.size(); ++i) todo.push_back(i);
+  int first_err = 0;
+  while (!todo.empty()) {
+    std::vector<size_t> again;
+    for (size_t start = 0; start < todo.size(); start += 64) {
+      size_t end = std::min(todo.size(), start + 64);
+      unsigned queued = 0;
+      for (size_t k = start; k < end; ++k) {
+        ReadRequest& q = reqs[todo[k]];
+        io_uring_sqe* sqe = io_uring_get_sqe(&r.ring);
+        if (!sqe) break;
+        io_uring_prep_read(sqe, fd, static_cast<char*>(q.buf) + done[todo[k]],
+                           static_cast<unsigned>(q.len - done[todo[k]]), q.off + done[todo[k]]);
+        io_uring_sqe_set_data64(sqe, todo[k]);  // per-request context in user_data
+        ++queued;
+      }
+      int rc = io_uring_submit(&r.ring);
+      if (rc < 0) return rc;
+      for (unsigned c = 0; c < queued; ++c) {
+        io_uring_cqe* cqe = nullptr;
+        if ((rc = io_uring_wait_cqe(&r.ring, &cqe)) < 0) return rc;
+        size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+        int res = cqe->res;
+        io_uring_cqe_seen(&r.ring, cqe);
+        ReadRequest& q = reqs[i];
+        if (res == -EAGAIN || res == -EINTR) {
+          again.push_back(i);
+        } else if (res < 0) {
+          q.result = res;
+          if (!first_err) first_err = res;
+        } else if (res == 0 || done[i] + static_cast<size_t>(res) >= q.len) {
+          done[i] += static_cast<size_t>(res);
+          q.result = static_cast<ssize_t>(done[i]);  // full, or short at end of file
+        } else {
+          done[i] += static_cast<size_t>(res);  // short read: go on
+          again.push_back(i);
+        }
+      }
+    }
+    todo = std::move(again);
+  }
+  return first_err;
+}
+
+int FdSource::read_batch(std::vector<ReadRequest>& reqs) { return read_batch_fd(fd_, reqs); }
 
 FdSource::FdSource(int fd, bool writable) : fd_(fd), writable_(writable) {}
 
@@ -120,11 +215,17 @@ CloneSource::~CloneSource() {
 int CloneSource::refresh() {
   int fd = openat(dir_fd_, clone_name_.c_str(), O_CREAT | O_RDWR | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return -errno;
-  // Costs time in proportion to the file's extents, not its bytes.
-  if (ioctl(fd, FICLONE, source_.fd()) < 0) {
-    int e = errno;
-    close(fd);
-    return -e;
+  // Costs time in proportion to the file's extents, not its bytes. The
+  // source's identity is the same before and after the clone, or the clone
+  // is taken again: whoever reads the identity next gets the clone's version.
+  for (int attempt = 0;; ++attempt) {
+    SourceIdentity before, after;
+    if (source_.identity(before) < 0 || ioctl(fd, FICLONE, source_.fd()) < 0 || source_.identity(after) < 0) {
+      int e = errno;
+      close(fd);
+      return -e;
+    }
+    if (before == after || attempt >= 5) break;
   }
   if (clone_fd_ >= 0) close(clone_fd_);
   clone_fd_ = fd;
@@ -144,6 +245,8 @@ ssize_t CloneSource::read(void* buf, size_t len, uint64_t off) {
   }
   return static_cast<ssize_t>(done);
 }
+
+int CloneSource::read_batch(std::vector<ReadRequest>& reqs) { return read_batch_fd(clone_fd_, reqs); }
 
 int CloneSource::write(const void* buf, size_t len, uint64_t off) { return source_.write(buf, len, off); }
 int CloneSource::truncate(uint64_t size) { return source_.truncate(size); }

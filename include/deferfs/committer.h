@@ -31,7 +31,8 @@ class Committer {
   using Progress = std::function<void(uint64_t done, uint64_t total)>;
   // `source_root_fd`: the source root (to finish a pending journal by path),
   // or -1. `journal_dir_fd`: where the journal lives (the source's .deferfs);
-  // -1 makes a private temporary directory (tests). Neither fd is owned.
+  // -1 without a source root makes a private temporary directory (unit
+  // tests); -1 with one means no journal: syncs fail. Neither fd is owned.
   explicit Committer(Counters& counters, int source_root_fd = -1, int journal_dir_fd = -1);
   ~Committer();
   Committer(const Committer&) = delete;

@@ -17,6 +17,7 @@ namespace deferfs {
 struct FileError {
   std::string path;   // relative to the mount root, "/"-separated, no leading "/"
   std::string error;
+  int code = 0;       // the errno behind it, when known (not serialized)
 };
 
 struct SyncReport {

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace deferfs {
 
@@ -26,11 +27,27 @@ struct SourceIdentity {
   bool operator!=(const SourceIdentity& o) const { return !(*this == o); }
 };
 
+// One read of a batch (Source::read_batch).
+struct ReadRequest {
+  void* buf;
+  size_t len;
+  uint64_t off;
+  ssize_t result = 0;  // bytes read (short only at end of file) or -errno
+};
+
 class Source {
  public:
   virtual ~Source() = default;
   // pread: bytes read (short only at end of file) or -errno.
   virtual ssize_t read(void* buf, size_t len, uint64_t off) = 0;
+  // Reads every request, in any order and concurrently where the source can
+  // (io_uring for files). Returns 0, or the first -errno also left in the
+  // failing request's result. The default reads one after the other.
+  virtual int read_batch(std::vector<ReadRequest>& reqs);
+  // The same, and next_data, on the live source file even when reads are
+  // served from a private copy: what a commit compares against.
+  virtual int read_batch_live(std::vector<ReadRequest>& reqs) { return read_batch(reqs); }
+  virtual int64_t next_data_live(uint64_t off) { return next_data(off); }
   // pwrite of all `len` bytes: 0 or -errno.
   virtual int write(const void* buf, size_t len, uint64_t off) = 0;
   virtual int truncate(uint64_t size) = 0;
@@ -67,6 +84,7 @@ class FdSource final : public Source {
   FdSource& operator=(const FdSource&) = delete;
 
   ssize_t read(void* buf, size_t len, uint64_t off) override;
+  int read_batch(std::vector<ReadRequest>& reqs) override;
   int write(const void* buf, size_t len, uint64_t off) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
@@ -96,6 +114,9 @@ class CloneSource final : public Source {
   CloneSource& operator=(const CloneSource&) = delete;
 
   ssize_t read(void* buf, size_t len, uint64_t off) override;
+  int read_batch(std::vector<ReadRequest>& reqs) override;
+  int read_batch_live(std::vector<ReadRequest>& reqs) override { return source_.read_batch(reqs); }
+  int64_t next_data_live(uint64_t off) override { return source_.next_data(off); }
   int write(const void* buf, size_t len, uint64_t off) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
@@ -114,6 +135,11 @@ class CloneSource final : public Source {
   const std::string clone_name_;
   int clone_fd_ = -1;
 };
+
+// Reads a batch from `fd` with io_uring (one submission per window of up
+// to 64 reads; short reads and -EAGAIN resubmitted), falling back to pread
+// when io_uring is not available. Same contract as Source::read_batch.
+int read_batch_fd(int fd, std::vector<ReadRequest>& reqs);
 
 // True if `dir_fd`'s filesystem can clone files (probes with two files).
 bool reflink_supported(int dir_fd);

@@ -4,13 +4,16 @@
 # then runs each one for a budget and reports libFuzzer's execution count.
 #
 #   tests/fuzz/build_and_run.sh [--build-dir DIR] [--runs N] [--time SECONDS]
-#                               [--jobs N] [TARGET...]
+#                               [--jobs N] [--sanitizers LIST] [TARGET...]
 #
 # TARGET is fuzz_control_request, fuzz_mount_options or fuzz_journal (default:
 # all). --runs caps the executions per target (-runs), --time the seconds
 # (-max_total_time); give either or both (default: --time 20). New corpus
 # entries go to DIR/corpus/TARGET; the seeds in tests/fuzz/corpus/TARGET are
 # read, never written. A crash leaves its input in DIR/artifacts/.
+# --sanitizers (default address,undefined) is what goes with fuzzer in
+# -fsanitize=; "undefined" alone runs many times faster where a target
+# allocates large buffers (ASan maps and unmaps each one).
 #
 # Exit status: 0 every target ran its budget without a finding, 1 a target
 # crashed or a sanitizer reported, 2 bad usage or a build failure, 77 (meson's
@@ -23,6 +26,7 @@ build="$top/build-fuzz"
 runs=""
 max_time=""
 jobs=2
+sanitizers=address,undefined
 targets=()
 
 while [[ $# -gt 0 ]]; do
@@ -31,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --runs) runs=$2; shift 2 ;;
     --time) max_time=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
+    --sanitizers) sanitizers=$2; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "build_and_run.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
@@ -67,7 +72,9 @@ libs_of() {
   esac
 }
 
-mkdir -p "$build/obj" "$build/artifacts"
+obj_dir="$build/obj-${sanitizers//,/-}"
+bin_dir="$build/bin-${sanitizers//,/-}"
+mkdir -p "$obj_dir" "$bin_dir" "$build/artifacts"
 # What meson's private config header defines (see meson.build).
 cat > "$build/deferfs_config.h.new" <<'EOF'
 #pragma once
@@ -83,17 +90,17 @@ else
   rm -f "$build/deferfs_config.h.new"
 fi
 
-cxxflags=(-std=c++20 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
-          -fno-sanitize-recover=undefined -I"$top/include" -I"$build" -include deferfs_config.h -pthread)
+cxxflags=(-std=c++20 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,$sanitizers
+          -fno-sanitize-recover=all -I"$top/include" -I"$build" -include deferfs_config.h -pthread)
 
 # A probe: can this clang link a fuzzer at all (libclang-rt-*-dev)?
-probe="$build/obj/probe"
+probe="$obj_dir/probe"
 if [[ ! -x $probe ]]; then
   printf '#include <cstdint>\n#include <cstddef>\nextern "C" int LLVMFuzzerTestOneInput(const uint8_t*, size_t) { return 0; }\n' \
-    > "$build/obj/probe.cc"
-  if ! "$CXX" "${cxxflags[@]}" "$build/obj/probe.cc" -o "$probe" >"$build/obj/probe.log" 2>&1; then
+    > "$obj_dir/probe.cc"
+  if ! "$CXX" "${cxxflags[@]}" "$obj_dir/probe.cc" -o "$probe" >"$obj_dir/probe.log" 2>&1; then
     echo "build_and_run.sh: $CXX cannot build a libFuzzer target (is libclang-rt-dev installed?): skipping" >&2
-    sed 's/^/  /' "$build/obj/probe.log" >&2
+    sed 's/^/  /' "$obj_dir/probe.log" >&2
     exit 77
   fi
 fi
@@ -114,7 +121,7 @@ compile() {
   "$CXX" "${cxxflags[@]}" -c "$src" -o "$obj"
 }
 
-obj_of() { echo "$build/obj/$(echo "$1" | tr '/' '_').o"; }
+obj_of() { echo "$obj_dir/$(echo "$1" | tr '/' '_').o"; }
 
 # By default, a target whose sources are not there (yet) is left out.
 if (( ! explicit )); then
@@ -169,7 +176,7 @@ for t in "${targets[@]}"; do
   list=()
   for s in "tests/fuzz/$t.cc" $(sources_of "$t"); do list+=("$(obj_of "$s")"); done
   # shellcheck disable=SC2046
-  if ! "$CXX" "${cxxflags[@]}" "${list[@]}" $(libs_of "$t") -o "$build/$t"; then
+  if ! "$CXX" "${cxxflags[@]}" "${list[@]}" $(libs_of "$t") -o "$bin_dir/$t"; then
     echo "build_and_run.sh: linking $t failed" >&2
     exit 2
   fi
@@ -191,10 +198,10 @@ for t in "${targets[@]}"; do
   [[ -n $runs ]] && args+=(-runs="$runs")
   [[ -n $max_time ]] && args+=(-max_total_time="$max_time")
   [[ -f "$here/$t.dict" ]] && args+=(-dict="$here/$t.dict")
-  log="$build/$t.log"
-  echo "== $t ${args[*]}"
+  log="$build/$t-${sanitizers//,/-}.log"
+  echo "== $t (fuzzer,$sanitizers) ${args[*]}"
   rc=0
-  "$build/$t" "${args[@]}" "$corpus" "${seeds[@]}" >"$log" 2>&1 || rc=$?
+  "$bin_dir/$t" "${args[@]}" "$corpus" "${seeds[@]}" >"$log" 2>&1 || rc=$?
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   done_line=$(grep -E '^Done [0-9]+ runs' "$log" | tail -1 || true)
   if [[ $rc -ne 0 ]]; then

@@ -34,8 +34,6 @@ of the daemon's log are printed), 77 when not root.
 
 import argparse
 import collections
-import errno
-import json
 import mmap
 import os
 import random
@@ -197,10 +195,21 @@ class Fsx:
             return "(no daemon log)"
         return "".join(lines[-n:])
 
+    def daemon_state(self):
+        p = self.proc
+        if p is None:
+            return "no daemon"
+        rc = p.poll()
+        if rc is None:
+            return f"daemon {p.pid} running"
+        if rc < 0:
+            return f"DAEMON {p.pid} DIED of signal {signal.Signals(-rc).name}"
+        return f"daemon {p.pid} exited with status {rc}"
+
     def report(self, err):
         lines = [
             f"FSX MISMATCH: seed {self.seed}, op {self.opno}, options {self.opts or '(defaults)'}, "
-            f"page size {self.page}",
+            f"page size {self.page}; {self.daemon_state()}",
             str(err),
             f"--- last {len(self.log)} ops ---",
             *self.log,

@@ -21,10 +21,10 @@ default options too.
 
 import errno
 import fcntl
+import mmap
 import os
 import random
 import subprocess
-import threading
 import time
 
 import pytest
@@ -167,7 +167,6 @@ def test_clean_file_changed_outside_is_resnapshotted(gmount, how, hold):
         # And again (the kernel may cache the new content now).
         assert read_fresh(m.m("f.bin")) == (new, len(new))
         # mmap of the new content.
-        import mmap
         with open(m.m("f.bin"), "rb") as f:
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
                 assert mm[:] == new
