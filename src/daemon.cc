@@ -197,7 +197,8 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
   }
   try {
     // Staged pages of a writable file must outlive the daemon (spec 6.5).
-    PersistConfig persist{persist_prefix_ + std::to_string(inode.dev) + "." + std::to_string(inode.ino)};
+    PersistConfig persist{persist_prefix_ + std::to_string(inode.dev) + "." + std::to_string(inode.ino),
+                          opts_.source};
     std::unique_ptr<Source> source;
     if (reflink_) {
       // The snapshot is a clone: outside changes cannot reach it (spec 5.2).
@@ -230,6 +231,8 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
 }
 
 void Daemon::recover_persisted() {
+  if (int n = reclaim_orphans(); n > 0)
+    log_info("reclaimed %d shared-memory files of staged data whose source directory no longer exists", n);
   for (const std::string& meta_path : list_persisted(persist_prefix_)) {
     std::string why;
     std::unique_ptr<PersistMeta> meta = PersistMeta::open_existing(meta_path, why);

@@ -47,6 +47,7 @@ File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counter
   if (rc < 0) throw std::system_error(-rc, std::generic_category(), "fstat of " + name_);
   base_size_ = size_ = cut_ = identity_.size;
   if (persist) {
+    source_root_ = persist->source_root;
     try {
       meta_ = PersistMeta::create(persist->prefix + ".meta", div_up(size_, page_size_));
       segment_ = std::make_unique<Segment>(persist->prefix + ".seg", size_, false);
@@ -81,6 +82,7 @@ File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
   cut_ = std::min({h.cut, base_size_, size_});
   staged_mtime_ = {static_cast<time_t>(h.staged_mtime_sec), static_cast<long>(h.staged_mtime_nsec)};
   explicit_mtime_ = h.explicit_mtime != 0;
+  source_root_.assign(h.source_root, strnlen(h.source_root, sizeof h.source_root));
   segment_ = std::make_unique<Segment>(segment_path, size_, true);
   // Rebuild the staged pages; everything else in the segment (clean pages
   // of the old daemon, unknown now) is given back.
@@ -176,6 +178,9 @@ void File::persist_header_locked() {
   std::memcpy(h.path, name_.data(), n);
   h.path[n] = 0;
   h.path_len = static_cast<uint32_t>(n);
+  n = std::min(source_root_.size(), sizeof h.source_root - 1);
+  std::memcpy(h.source_root, source_root_.data(), n);
+  h.source_root[n] = 0;
 }
 
 void File::set_spill_opener(std::function<int()> opener, std::function<void()> remover) {

@@ -108,6 +108,23 @@ std::vector<uint64_t> PersistMeta::staged_pages() const {
   return out;
 }
 
+int reclaim_orphans() {
+  int reclaimed = 0;
+  for (const std::string& meta_path : list_persisted(std::string(kShmDir) + "/deferfs.")) {
+    std::string why;
+    std::unique_ptr<PersistMeta> m = PersistMeta::open_existing(meta_path, why);
+    if (!m) continue;  // in use by a live daemon, or not ours
+    const PersistedHeader& h = m->header();
+    std::string root(h.source_root, strnlen(h.source_root, sizeof h.source_root));
+    struct stat st;
+    if (root.empty() || stat(root.c_str(), &st) == 0) continue;  // its source may come back
+    m->keep(false);
+    unlink((meta_path.substr(0, meta_path.size() - 5) + ".seg").c_str());
+    reclaimed += 2;
+  }
+  return reclaimed;
+}
+
 std::string persist_prefix(const std::string& source_root) {
   char key[32];
   std::snprintf(key, sizeof key, "%016llx",

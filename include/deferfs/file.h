@@ -87,6 +87,7 @@ struct CommitResult {
 // (persist.h): `prefix` + ".seg" and ".meta".
 struct PersistConfig {
   std::string prefix;
+  std::string source_root;  // recorded so orphans can be reclaimed
 };
 
 class File {
@@ -297,6 +298,7 @@ class File {
   struct timespec staged_mtime_ = {};  // guarded
   bool explicit_mtime_ = false;        // guarded
   std::function<void()> invalidate_hook_;  // guarded
+  std::string source_root_;                // guarded: for the persisted header
   std::function<int()> spill_opener_;      // guarded
   std::function<void()> spill_remover_;    // guarded
   int spill_fd_ = -1;                      // guarded (set once); owned

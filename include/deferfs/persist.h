@@ -40,7 +40,9 @@ struct PersistedHeader {
   int64_t staged_mtime_sec, staged_mtime_nsec;
   uint32_t explicit_mtime;
   uint32_t path_len;
-  char path[3976];  // relative to the source root
+  char path[2048];         // relative to the source root, NUL-terminated
+  char source_root[1928];  // the SOURCE of the mount, NUL-terminated: a
+                           // segment whose source is gone is reclaimed
 };
 static_assert(sizeof(PersistedHeader) == 4096, "the header is one page");
 
@@ -88,5 +90,11 @@ class PersistMeta {
 std::string persist_prefix(const std::string& source_root);
 // The persisted files of `prefix` (metadata paths).
 std::vector<std::string> list_persisted(const std::string& prefix);
+
+// Removes the persisted files (metadata, segment) of any source that no
+// longer exists, unless a live daemon holds them. Returns how many files
+// were reclaimed. Called at every mount: staged data of a deleted source
+// has nowhere to go and would hold shared memory forever.
+int reclaim_orphans();
 
 }  // namespace deferfs

@@ -57,6 +57,11 @@ def dirs(tmp_path):
     mnt.mkdir()
     daemons = []
     yield src, mnt, tmp_path / "daemon.log", daemons
+    # A clean end: the staged state a test left is dropped and the daemon
+    # removes its shared memory (a SIGKILL here would leave it in /dev/shm).
+    live = [d for d in daemons if d.proc.poll() is None]
+    for d in live:
+        subprocess.run([DEFERFS, "umount", "--discard", d.mnt], capture_output=True, timeout=60)
     for d in daemons:
         d.stop(signal.SIGKILL)
     if mounted(mnt):
