@@ -149,6 +149,7 @@ class Fsx:
         self.check_every = check_every
         w = dict(DEFAULT_WEIGHTS)
         w.update(weights or {})
+        self.weights_arg = ",".join(f"{k}={v:g}" for k, v in (weights or {}).items())
         self.op_names = [k for k, v in w.items() if v > 0]
         self.op_weights = [w[k] for k in self.op_names]
         self.verbose = verbose
@@ -214,7 +215,8 @@ class Fsx:
             f"--- last {len(self.log)} ops ---",
             *self.log,
             f"--- reproduce: {sys.executable} {os.path.abspath(__file__)} --seed {self.seed} --ops {self.opno}"
-            + "".join(f" -o {o}" for o in self.opts) + f" --files {self.nfiles} --max-size {self.max_size}",
+            + "".join(f" -o {o}" for o in self.opts) + f" --files {self.nfiles} --max-size {self.max_size}"
+            + (f" --weights {self.weights_arg}" if self.weights_arg else ""),
             "--- daemon log (tail) ---",
             self.daemon_log_tail(),
         ]
