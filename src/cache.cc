@@ -12,6 +12,13 @@ constexpr uint64_t kBatchBytes = uint64_t{4} << 20;
 
 void Cache::add(const std::shared_ptr<File>& file) {
   std::lock_guard lk(files_mutex_);
+  // Drop the entries of Files that are gone whenever the list doubles, so
+  // it stays in proportion to the live Files (amortized O(1)).
+  if (files_.size() >= 64 && files_.size() >= 2 * compacted_size_) {
+    std::erase_if(files_, [](const std::weak_ptr<File>& w) { return w.expired(); });
+    compacted_size_ = files_.size();
+    next_ = 0;
+  }
   files_.push_back(file);
 }
 

@@ -47,6 +47,7 @@ class Cache {
   std::mutex files_mutex_;    // guards files_, next_
   std::vector<std::weak_ptr<File>> files_;
   size_t next_ = 0;           // round-robin position in files_
+  size_t compacted_size_ = 0; // files_.size() after the last compaction
 };
 
 }  // namespace deferfs
