@@ -75,6 +75,23 @@ void Daemon::start_threads() {
   control_ = std::make_unique<ControlServer>(control_path_, getuid(), *this);
   control_->start();
   notifier_ = std::thread([this] { notifier_loop(); });
+  prefetcher_ = std::thread([this] { prefetch_loop(); });
+}
+
+void Daemon::prefetch_loop() {
+  std::unique_lock lk(notify_mutex_);
+  for (;;) {
+    prefetch_cv_.wait(lk, [this] { return notify_stop_ || !prefetch_queue_.empty(); });
+    if (notify_stop_) return;
+    PrefetchJob job = std::move(prefetch_queue_.front());
+    prefetch_queue_.pop_front();
+    lk.unlock();
+    if (std::shared_ptr<File> file = job.file.lock()) {
+      file->prefetch(job.first, job.last);
+      cache_.balance(file.get());
+    }
+    lk.lock();
+  }
 }
 
 void Daemon::stop_threads() {
@@ -84,7 +101,9 @@ void Daemon::stop_threads() {
     notify_stop_ = true;
   }
   notify_cv_.notify_all();
+  prefetch_cv_.notify_all();
   if (notifier_.joinable()) notifier_.join();
+  if (prefetcher_.joinable()) prefetcher_.join();
 }
 
 void Daemon::queue_invalidate(uint64_t nodeid) {
@@ -171,6 +190,14 @@ int Daemon::open_source(const Inode& inode, bool& writable) {
 
 void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
   uint64_t nodeid = inodes_.nodeid(inode);
+  file->set_readahead(opts_.readahead, [this](std::weak_ptr<File> f, uint64_t first, uint64_t last) {
+    {
+      std::lock_guard lk(notify_mutex_);
+      if (prefetch_queue_.size() >= 64) return;  // a hint: drop when busy
+      prefetch_queue_.push_back({std::move(f), first, last});
+    }
+    prefetch_cv_.notify_one();
+  });
   dev_t dev = inode.dev;
   ino_t ino = inode.ino;
   file->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });

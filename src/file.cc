@@ -245,7 +245,44 @@ ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
       out.push_back({zeros, a, b - a});
   }
   ++pins_;
+  note_read_locked(off, len);
   return static_cast<ssize_t>(len);
+}
+
+void File::set_readahead(uint64_t max, PrefetchHook prefetch) {
+  std::lock_guard lk(mutex_);
+  ra_max_ = max;
+  prefetch_hook_ = std::move(prefetch);
+}
+
+void File::note_read_locked(uint64_t off, uint64_t len) {
+  if (ra_max_ == 0 || !prefetch_hook_) return;
+  const uint64_t ps = page_size_;
+  const uint64_t end = off + len;
+  if (off == ra_next_) {
+    ra_window_ = ra_window_ ? std::min(ra_window_ * 2, ra_max_) : std::min<uint64_t>(128 << 10, ra_max_);
+  } else {
+    ra_window_ = 0;  // a seek: random access loads only what it touches
+    ra_issued_ = 0;
+  }
+  ra_next_ = end;
+  if (ra_window_ == 0) return;
+  // The window past this read, less what was handed out already; only the
+  // source's part (below the cut) needs loading.
+  const uint64_t from = std::max(end, ra_issued_);
+  const uint64_t to = std::min(end + ra_window_, cut_);
+  if (from >= to) return;
+  uint64_t first = from / ps, last = div_up(to, ps);
+  bool any_absent = false;
+  for (uint64_t p = first; p < last && !any_absent; ++p) any_absent = map_.state(p) == PageState::Absent;
+  ra_issued_ = to;
+  if (any_absent) prefetch_hook_(weak_from_this(), first, last);
+}
+
+int File::prefetch(uint64_t first, uint64_t last) {
+  std::unique_lock lk(mutex_);
+  if (conflict_) return -EIO;
+  return ensure_loaded(lk, first, last, /*touch=*/false);
 }
 
 void File::unpin() {
@@ -368,7 +405,7 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
   return 0;
 }
 
-int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last) {
+int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch) {
   const uint64_t ps = page_size_;
   for (;;) {
     std::vector<uint64_t> mine;
@@ -445,7 +482,8 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
           set_page_state(p, PageState::Spilled);  // still staged in the spill file
           punch_locked(p * ps, ps);
         } else {
-          set_page_state(p, PageState::Dirty)->flags |= PageEntry::kReferenced;
+          PageEntry* e = set_page_state(p, PageState::Dirty);
+          if (touch) e->flags |= PageEntry::kReferenced;
         }
       } else if (rc < 0 || invalidated) {
         drop_page(p);
@@ -453,7 +491,8 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
         set_page_state(p, PageState::Hole);
         punch_locked(p * ps, ps);
       } else {
-        set_page_state(p, PageState::Clean)->flags |= PageEntry::kReferenced;
+        PageEntry* e = set_page_state(p, PageState::Clean);
+        if (touch) e->flags |= PageEntry::kReferenced;
       }
     }
     loaded_cv_.notify_all();
@@ -571,6 +610,7 @@ ssize_t File::read_into(uint64_t off, size_t len, char* out) {
   if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
   copy_out_locked(off, len, out);
+  note_read_locked(off, len);
   return static_cast<ssize_t>(len);
 }
 

@@ -18,7 +18,8 @@ constexpr uint64_t kMinPageSize = 4096;
 constexpr uint64_t kMaxPageSize = 2 << 20;
 
 // Options of later work: rejected, never accepted and ignored.
-constexpr std::string_view kNotYet[] = {"readahead"};
+// Options of later work, rejected rather than ignored (none at the moment).
+constexpr std::string_view kNotYet[] = {""};
 
 // Standard mount and FUSE options without a value, passed to libfuse.
 constexpr std::string_view kFuseFlags[] = {
@@ -172,6 +173,13 @@ void apply_option(MountOptions& mo, const std::string& item) {
   const NameValue nv = split_option(item);
   if (one_of(nv.name, kNotYet)) throw UsageError("option '" + nv.name + "' is not supported yet");
   if (nv.name == "page_size") return set_page_size(mo, nv);
+  if (nv.name == "readahead") {
+    require_value(nv);
+    const uint64_t n = parse_size(nv.value, nv.name);
+    if (n > (uint64_t{64} << 20)) throw UsageError("option '" + item + "': at most 64M");
+    mo.readahead = n;
+    return;
+  }
   if (nv.name == "snapshot") {
     require_value(nv);
     if (nv.value == "auto") mo.snapshot = SnapshotMode::Auto;

@@ -128,7 +128,18 @@ class Daemon final : public ControlHandler {
   std::unique_ptr<ControlServer> control_;
   bool discard_on_exit_ = false;  // set by umount --discard before unmounting
 
-  std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_
+  // Readahead jobs, loaded by the prefetch thread (bounded: extra jobs are
+  // dropped, readahead is a hint).
+  struct PrefetchJob {
+    std::weak_ptr<File> file;
+    uint64_t first, last;
+  };
+  void prefetch_loop();
+  std::deque<PrefetchJob> prefetch_queue_;  // guarded by notify_mutex_
+  std::condition_variable prefetch_cv_;
+  std::thread prefetcher_;
+
+  std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_, prefetch_queue_
   std::condition_variable notify_cv_;
   std::deque<uint64_t> notify_queue_;
   bool notify_stop_ = false;

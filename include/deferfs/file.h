@@ -90,7 +90,7 @@ struct PersistConfig {
   std::string source_root;  // recorded so orphans can be reclaimed
 };
 
-class File {
+class File : public std::enable_shared_from_this<File> {
  public:
   // `name` is for logs and segment names only. Takes the snapshot: records
   // the source's identity; no data is read. With `persist`, the segment and
@@ -196,6 +196,18 @@ class File {
   // again. Takes commit_mutex_ itself. Returns the number of pages dropped.
   uint64_t discard();
 
+  // ---- readahead (spec 3 readahead=, issue 3) ----
+
+  // Sequential reads grow a window (128 KiB, doubling on each sequential
+  // read, at most `max` bytes; a seek resets it); the pages of the window
+  // past the read are handed to `prefetch` (which must only queue work) to
+  // be loaded in the background. Random reads load only what they touch.
+  using PrefetchHook = std::function<void(std::weak_ptr<File>, uint64_t first_page, uint64_t last_page)>;
+  void set_readahead(uint64_t max, PrefetchHook prefetch);
+  // Loads the absent pages of [first, last) without marking them touched
+  // (a background thread's call). 0 or -errno.
+  int prefetch(uint64_t first, uint64_t last);
+
   // ---- memory (called by Cache, no lock held by the caller) ----
 
   // Frees up to `max_pages` Clean pages chosen by the clock (pages touched
@@ -238,7 +250,11 @@ class File {
  private:
   // Absent pages below the cut in [first, last) get loaded; waits for pages
   // others are loading. Returns 0 or -errno. lk is held on entry and exit.
-  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last);
+  // `touch`: the pages are being read (they get the clock's referenced bit);
+  // prefetched pages do not, so eviction takes them first.
+  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch = true);
+  // Follows the read [off, off+len) for readahead; called with the lock held.
+  void note_read_locked(uint64_t off, uint64_t len);
   // Reads [first, first+count) from the source into the segment (lock not held).
   // hole[i] is set for pages found to be holes of the source.
   int load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole);
@@ -304,6 +320,11 @@ class File {
   int spill_fd_ = -1;                      // guarded (set once); owned
   size_t clock_hand_ = 0;                  // guarded
   uint64_t pins_ = 0;                      // guarded: replies in flight from the segment
+  uint64_t ra_max_ = 0;                    // guarded: readahead cap (0: none)
+  uint64_t ra_window_ = 0;                 // guarded: current window
+  uint64_t ra_next_ = ~uint64_t{0};        // guarded: where a sequential read would start
+  uint64_t ra_issued_ = 0;                 // guarded: end of the last window handed out
+  PrefetchHook prefetch_hook_;             // guarded
   std::vector<std::pair<uint64_t, uint64_t>> pending_punch_;  // guarded: (off, len) deferred while pinned
 };
 

@@ -433,3 +433,7 @@ def drop_cache(path):
 @pytest.fixture
 def deferfs_bin():
     return DEFERFS
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mount_opts(*opts): -o options for a test's mount fixture")

@@ -244,10 +244,9 @@ BAD_OPTIONS = [
     ("cache_size=lots", "lots"),
     ("dirty_limit=1X", "1X"),
     ("snapshot=copy", "snapshot=copy"),
-    # Options of later work: rejected as not supported yet, never ignored.
-    ("readahead=1M", "readahead"),
+    ("readahead=1G", "readahead"),
 ]
-NOT_YET = ("readahead",)
+NOT_YET = ()
 
 
 def bad_mount(args, mnt, culprit, timeout=20):

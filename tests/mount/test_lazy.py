@@ -35,7 +35,11 @@ HOLES = [1 * GiB, 2 * GiB + 5 * PAGE, 20 * GiB, 40 * GiB + 123 * PAGE, BIG - 2 *
 
 
 @pytest.fixture
-def big(mount_factory, tmp_path):
+def big(mount_factory, tmp_path, request):
+    # Tests that count loads exactly mark themselves to mount without the
+    # loader's own readahead (`@pytest.mark.mount_opts("readahead=0")`).
+    marker = request.node.get_closest_marker("mount_opts")
+    opts = list(marker.args) if marker else []
     src = tmp_path / "src"
     src.mkdir()
     path = src / "big.img"
@@ -47,7 +51,7 @@ def big(mount_factory, tmp_path):
             b = rng.randbytes(n)
             os.pwrite(f.fileno(), b, off)
             data[off] = b
-    m = mount_factory()
+    m = mount_factory(opts=opts)
     return m, data
 
 
@@ -178,6 +182,7 @@ def test_random_access_loads_only_touched_pages(big):
     assert mat == len(pages) * PAGE, (mat, len(pages))
 
 
+@pytest.mark.mount_opts("readahead=0")
 def test_concurrent_readers_of_same_pages_load_once(big):
     """Spec 4.3: clients faulting the same page at once cause one load. O_DIRECT
     bypasses the kernel's page cache, so each reader's request reaches the daemon."""

@@ -165,6 +165,39 @@ TEST(ParseRequest, PathsOutsideTheMount) {
   expect_bad(R"({"version":1,"op":"sync","paths":[")" + std::string(5000, '/') + R"(a"]})", "longer than 4096");
 }
 
+// JSON escapes are decoded before the checks: an escaped '..', '/' or NUL
+// is refused like the plain one, and broken escapes are malformed JSON.
+TEST(ParseRequest, EscapesAreDecodedBeforeChecks) {
+  expect_bad(R"({"version":1,"op":"sync","paths":["\u002e\u002e"]})", "'..'");
+  expect_bad(R"({"version":1,"op":"sync","paths":["a\/..\/..\/etc"]})", "'..'");
+  expect_bad(R"({"version":1,"op":"sync","paths":["\/etc"]})", "absolute");
+  expect_bad(R"({"version":1,"op":"sync","paths":["x\u0000"]})", "NUL");
+  expect_bad(R"({"version":1,"op":"sync","paths":["\ud800"]})", "not valid JSON");  // lone surrogate
+  expect_bad(R"({"version":1,"op":"sync","paths":["\x41"]})", "not valid JSON");
+  expect_bad(R"({"version":1,"op":"\u0073ync","paths":[""],"force":"\u0074rue"})", "'force' must be");
+  const ControlRequest r = parse_request(R"({"version":1,"op":"\u0073tatus","paths":["d\u00e9j\u00e0\/x"]})");
+  EXPECT_EQ(r.op, "status");
+  EXPECT_THAT(r.paths, ElementsAre("d\xC3\xA9j\xC3\xA0/x"));
+}
+
+// Paths are validated whatever the op, also where they are unused.
+TEST(ParseRequest, PathsAreCheckedForEveryOp) {
+  for (const char* op : {"sync", "status", "discard", "stats", "umount"}) {
+    SCOPED_TRACE(op);
+    expect_bad(std::string(R"({"version":1,"op":")") + op + R"(","paths":[".."]})", "'..'");
+    expect_bad(std::string(R"({"version":1,"op":")") + op + R"(","paths":["/"]})", "absolute");
+    expect_bad(std::string(R"({"version":1,"op":")") + op + R"(","paths":[7]})", "list of strings");
+  }
+}
+
+// Numbers that are not exactly the integer 1 are not version 1.
+TEST(ParseRequest, VersionLookalikes) {
+  for (const char* v : {"1e0", "1.0", "10e-1", "-1", "0", "18446744073709551617", "true", "[1]", "{}"}) {
+    SCOPED_TRACE(v);
+    expect_bad(std::string(R"({"version":)") + v + R"(,"op":"stats"})", "version");
+  }
+}
+
 // --- reports JSON ---
 
 TEST(Reports, FieldNamesOfSpec21) {

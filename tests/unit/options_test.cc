@@ -206,15 +206,16 @@ TEST_F(MountArgs, MemoryLimitsAreParsed) {
   EXPECT_GT(defaults.dirty_limit, 0u);
 }
 
-TEST_F(MountArgs, LaterOptionsAreRejectedNotIgnored) {
-  for (const char* name : {"readahead"}) {
-    expect_option_error(std::string(name) + "=1M", {std::string("option '") + name + "' is not supported yet"});
-    expect_option_error(name, {std::string("option '") + name + "' is not supported yet"});
-  }
+TEST_F(MountArgs, SnapshotAndReadaheadAreParsed) {
   EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=guard"}).snapshot, SnapshotMode::Guard);
   EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=reflink"}).snapshot, SnapshotMode::Reflink);
   EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string()}).snapshot, SnapshotMode::Auto);
   expect_option_error("snapshot=copy", {"snapshot=copy", "auto, reflink or guard"});
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "readahead=256k"}).readahead, 256u << 10);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "readahead=0"}).readahead, 0u);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string()}).readahead, 1u << 20);
+  expect_option_error("readahead=1G", {"readahead", "at most 64M"});
+  expect_option_error("readahead=x", {"readahead"});
 }
 
 TEST_F(MountArgs, StandardFuseOptionsArePassed) {
