@@ -15,6 +15,9 @@ namespace deferfs {
 
 namespace {
 constexpr uint64_t kBatchBytes = uint64_t{1} << 20;  // compare/write in 1 MiB runs
+// Resident clean pages rechecked against the source after a commit (64 MiB
+// of 4 KiB pages); beyond that the check is skipped (see LIMITS).
+constexpr uint64_t kRecheckPages = 16384;
 }
 
 struct Committer::Job {
@@ -52,9 +55,15 @@ class Committer::LiveTarget : public JournalTarget {
     if (mtime)
       if (int rc = change([&] { return src.set_mtime(*mtime); }); rc < 0) return rc;
     if (int rc = src.sync(); rc < 0) return rc;
-    return unchanged();
+    if (unchanged() == -ESTALE && (outside_seen.empty() || outside_seen.back() != cur_))
+      outside_seen.push_back(cur_);
+    return 0;
   }
   Job* failed() const { return cur_; }
+  // Files where an outside change was seen while the decided sync was
+  // applied: the replay went on (the journal decides), they get a new
+  // snapshot afterwards.
+  std::vector<Job*> outside_seen;
 
  private:
   int unchanged() {
@@ -64,7 +73,11 @@ class Committer::LiveTarget : public JournalTarget {
   }
   template <typename F>
   int change(F&& op) {
-    if (int rc = unchanged(); rc < 0) return rc;
+    if (int rc = unchanged(); rc == -ESTALE) {
+      if (outside_seen.empty() || outside_seen.back() != cur_) outside_seen.push_back(cur_);
+    } else if (rc < 0) {
+      return rc;
+    }
     if (int rc = op(); rc < 0) return rc;
     return cur_->target->file->source().identity(cur_->ours);
   }
@@ -297,7 +310,9 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
       File& f = *job->target->file;
       const bool is_culprit = culprit == job.get();
       if (job->gate.owns_lock()) job->gate.unlock();
-      f.end_commit(job->plan, ok, job->forced, is_culprit && conflict ? nullptr : &job->ours);
+      // A job that never got to prepare() has no identity of ours to adopt.
+      const bool prepared = job->ours.ino != 0 || job->ours.dev != 0;
+      f.end_commit(job->plan, ok, job->forced, (is_culprit && conflict) || !prepared ? nullptr : &job->ours);
       if (ok) {
         ++report.files;
         report.pages_written += job->result.pages_written;
@@ -368,6 +383,16 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
   }
   journal.retire();
   end_all(true, "", nullptr, false);
+  // Guard: an outside change seen while the decided sync was applied, or
+  // one that slipped between a write of ours and the fstat after it (then
+  // only the resident pages can tell): the file takes a new snapshot, so
+  // nothing stale is served.
+  for (auto& job : jobs) {
+    bool seen = std::find(target.outside_seen.begin(), target.outside_seen.end(), job.get()) !=
+                target.outside_seen.end();
+    if (job->target->file->recheck_after_commit(kRecheckPages, seen))
+      log_info("%s: committed; it was also changed outside the mount during the sync", job->target->path.c_str());
+  }
   if (progress) progress(total, total);
   return report;
 }

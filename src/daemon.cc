@@ -114,6 +114,14 @@ void Daemon::queue_invalidate(uint64_t nodeid) {
   notify_cv_.notify_one();
 }
 
+void Daemon::invalidate_attributes(const Inode& inode) {
+  if (se_) fuse_lowlevel_notify_inval_inode(se_, inodes_.nodeid(inode), -1, 0);
+}
+
+void Daemon::invalidate_now(const Inode& inode) {
+  if (se_) fuse_lowlevel_notify_inval_inode(se_, inodes_.nodeid(inode), 0, 0);
+}
+
 void Daemon::notifier_loop() {
   std::unique_lock lk(notify_mutex_);
   for (;;) {
@@ -487,6 +495,16 @@ std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths,
 
 SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const Progress& progress) {
   SyncReport r = committer_.commit(targets(paths, true), force, progress);
+  // Files whose base changed under the kernel's cache (committed over an
+  // outside change, or re-snapshotted): drop its pages before returning.
+  for (const auto& inode : inodes_.with_files()) {
+    std::shared_ptr<File> file;
+    {
+      std::lock_guard lk(inode->m);
+      file = inode->file;
+    }
+    if (file && file->take_stale_kernel_cache()) invalidate_now(*inode);
+  }
   for (const auto& inode : inodes_.with_files()) inodes_.prune(*inode);
   return r;
 }
@@ -520,10 +538,16 @@ DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
     }
     if (!file || !file->has_staged()) continue;
     if (!matches(rel_path(*inode), paths)) continue;
+    // Dirty pages the kernel still holds (mmap writes) are written back when
+    // its cache is invalidated: let that happen first, so they are dropped
+    // with the rest instead of staged again after the discard.
+    invalidate_now(*inode);
     r.pages_dropped += file->discard();
     ++r.files;
-    // The kernel's cached pages and size show staged bytes: drop them.
-    queue_invalidate(inodes_.nodeid(*inode));
+    // The kernel's cached pages and size show staged bytes: drop them before
+    // the command returns (this is the control thread, not a FUSE request).
+    invalidate_now(*inode);
+    file->take_stale_kernel_cache();
     inodes_.prune(*inode);
   }
   return r;

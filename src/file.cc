@@ -399,6 +399,9 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
     ssize_t n = source_->read(seg + read_start, read_end - read_start, read_start);
     if (n < 0) return static_cast<int>(n);
     if (static_cast<uint64_t>(n) < read_end - read_start) return -ESTALE;  // source shrank
+    // The last page past the end of the file reads as zeros, whatever its
+    // memory held (a punch may still be deferred).
+    if (read_end % ps) std::memset(seg + read_end, 0, ps - read_end % ps);
     counters_.loaded_bytes.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
     off = read_end;
   }
@@ -555,6 +558,7 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   ++generation_;
   conflict_ = false;
   staged_mtime_ = {};
+  stale_kernel_cache_ = true;
   persist_header_locked();
   if (invalidate_hook_) invalidate_hook_();
 }
@@ -702,7 +706,10 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
       counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
-    std::memcpy(dst, src, b - a);  // the rest of the page is zero (punched)
+    // The page reads as zeros: make its memory say so explicitly (a punch of
+    // it may still be deferred while a reply is pinned), then copy in.
+    std::memset(seg + p * ps, 0, ps);
+    std::memcpy(dst, src, b - a);
     PageEntry* e = set_page_state(p, PageState::Dirty);
     if (st == PageState::Hole || p * ps >= base_size_) {
       e->has_base_hash = true;  // the base is zeros
@@ -847,6 +854,51 @@ CommitPlan File::begin_commit() {
   return plan;
 }
 
+bool File::recheck_after_commit(uint64_t max_pages, bool force) {
+  const uint64_t ps = page_size_;
+  std::unique_lock lk(mutex_);
+  bool changed = force;
+  if (!changed) {
+    std::vector<uint64_t> clean = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
+      return e.state == PageState::Clean;
+    });
+    if (clean.empty() || clean.size() > max_pages) return false;
+    const uint64_t gen = generation_;
+    lk.unlock();
+    std::vector<char> bytes(clean.size() * ps, 0);
+    std::vector<ReadRequest> reads;
+    for (size_t i = 0; i < clean.size(); ++i) reads.push_back({bytes.data() + i * ps, ps, clean[i] * ps});
+    int rc = source_->read_batch_live(reads);
+    lk.lock();
+    if (rc < 0 || generation_ != gen) return false;
+    for (size_t i = 0; i < clean.size() && !changed; ++i) {
+      if (map_.state(clean[i]) != PageState::Clean) continue;  // changed by a write meanwhile
+      const size_t have = static_cast<size_t>(std::max<ssize_t>(0, reads[i].result));
+      changed = std::memcmp(page_bytes(clean[i]), bytes.data() + i * ps, have) != 0;
+    }
+  }
+  if (!changed) return false;
+  SourceIdentity now;
+  if (source_->identity(now) < 0) return false;
+  if (has_staged_locked()) {
+    if (!conflict_)
+      log_error("%s: changed outside the mount during a sync (conflict)", name_.c_str());
+    conflict_ = true;
+  } else {
+    log_info("%s: changed outside the mount during a sync; taking a new snapshot", name_.c_str());
+    resnapshot_locked(now);
+  }
+  stale_kernel_cache_ = true;
+  return true;
+}
+
+bool File::take_stale_kernel_cache() {
+  std::lock_guard lk(mutex_);
+  bool stale = stale_kernel_cache_;
+  stale_kernel_cache_ = false;
+  return stale;
+}
+
 SourceIdentity File::identity() {
   std::lock_guard lk(mutex_);
   return identity_;
@@ -904,6 +956,7 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
   if (int rc = source_->refresh(); rc < 0)
     log_error("%s: cannot take a new reflink snapshot after sync: %s", name_.c_str(), std::strerror(-rc));
   if (forced && conflict_) {
+    stale_kernel_cache_ = true;  // the kernel may hold pages of the old source too
     // Pages loaded from the old source are not the new base: drop them.
     for (uint64_t p : map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
            return e.state == PageState::Clean || e.state == PageState::Hole;

@@ -353,9 +353,21 @@ void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
     fuse_reply_err(req, err ? err : EIO);
     return;
   }
+  // A new snapshot (or one that changed): the kernel's cached size and times
+  // are stale too. Attributes only: that takes no page lock, so it is safe
+  // inside a request; the pages are dropped by the open itself (!keep_cache).
+  if (!keep_cache) d.invalidate_attributes(inode);
   if ((fi->flags & O_ACCMODE) != O_RDONLY && !file->source().writable()) {
     fuse_reply_err(req, EACCES);
     return;
+  }
+  // libfuse asks for atomic O_TRUNC: the kernel sends no separate truncate.
+  if ((fi->flags & O_TRUNC) && (fi->flags & O_ACCMODE) != O_RDONLY) {
+    if (int rc = file->truncate(0); rc < 0) {
+      fuse_reply_err(req, -rc);
+      return;
+    }
+    keep_cache = false;
   }
   auto h = std::make_unique<Handle>();
   h->file = file;

@@ -72,6 +72,12 @@ class Daemon final : public ControlHandler {
   // Queues a kernel cache invalidation of `nodeid` (data and attributes),
   // done by the notifier thread: never from inside a FUSE request.
   void queue_invalidate(uint64_t nodeid);
+  // Drops the kernel's cached attributes of `inode` now (safe inside a FUSE
+  // request: no page locks).
+  void invalidate_attributes(const Inode& inode);
+  // Drops the kernel's cached pages and attributes of `inode` now, and
+  // waits for it. Never from inside a FUSE request (control thread only).
+  void invalidate_now(const Inode& inode);
   const std::string& control_path() const { return control_path_; }
   void set_session(fuse_session* se) { se_ = se; }
   // Sync everything staged; used at exit (signal, fusermount3 -u). Logs.

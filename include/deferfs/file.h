@@ -172,6 +172,17 @@ class File : public std::enable_shared_from_this<File> {
   void end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours);
   // The snapshot's source identity.
   SourceIdentity identity();
+  // After a commit: compares the resident Clean pages (if at most
+  // `max_pages`) with the live source; any difference means an outside
+  // change the identity checks could not see (it landed between one of the
+  // commit's writes and the fstat after it). The file is then re-snapshotted
+  // (or, with staged pages, in conflict). `force` re-snapshots without
+  // comparing (an outside change was seen). Returns true if it changed.
+  bool recheck_after_commit(uint64_t max_pages, bool force);
+  // True once after the file's base changed under the kernel's cache (a
+  // re-snapshot, a commit over an outside change): the caller drops the
+  // kernel's cached pages of it.
+  bool take_stale_kernel_cache();
   // Marks the file in conflict (an outside change seen by a commit).
   void mark_conflict();
   // utimes through the mount on a file with staged data: the mount shows
@@ -313,6 +324,7 @@ class File : public std::enable_shared_from_this<File> {
   bool conflict_ = false;              // guarded
   struct timespec staged_mtime_ = {};  // guarded
   bool explicit_mtime_ = false;        // guarded
+  bool stale_kernel_cache_ = false;    // guarded: see take_stale_kernel_cache
   std::function<void()> invalidate_hook_;  // guarded
   std::string source_root_;                // guarded: for the persisted header
   std::function<int()> spill_opener_;      // guarded

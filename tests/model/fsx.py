@@ -3,7 +3,8 @@
 
 A real deferfs mount of a private source directory with a few files. Random
 operations go through the mount (pread, pwrite of many shapes, truncate,
-O_APPEND, mmap reads, shared mmap writes + msync, fsync/fdatasync, reopen)
+open(O_TRUNC), O_APPEND, mmap reads, shared mmap writes + msync,
+fsync/fdatasync, reopen)
 or through the CLI (sync and discard of everything or of one file, status),
 plus unmount/remount (`deferfs umount`, `umount --discard`, `fusermount3 -u`)
 and SIGKILL of the daemon followed by a lazy unmount and a remount.
@@ -12,7 +13,8 @@ Two models are kept per file:
   view[f]  what the mount must show (spec 5.1: snapshot + staged writes)
   src[f]   what the source file must contain (changes only on commit, 6.3)
 and the expected effect of each operation is:
-  write/truncate/append/mmap store   view changes, src does not (6.1, 6.2)
+  write/truncate/O_TRUNC/append/mmap store
+                                     view changes, src does not (6.1, 6.2)
   fsync, fdatasync, msync(MS_SYNC)   src[f] = view[f]   (6.4, fsync=commit)
   sync [f]                           src = view          (6.3)
   discard [f]                        view = src
