@@ -353,11 +353,42 @@ void File::set_explicit_mtime(const struct timespec& mtime) {
 }
 
 uint64_t File::implicit_zero_pages_locked() const {
-  uint64_t first = div_up(cut_, page_size_);
-  uint64_t last = div_up(std::min(size_, base_size_), page_size_);
+  // Pages in [cut, min(size, base_size)) without an entry read as zeros. They
+  // differ from the snapshot only where the source has data there: a hole
+  // of the source is zeros too (a sparse file copied over itself stages
+  // nothing). The source's data extents come from SEEK_DATA/SEEK_HOLE
+  // (metadata only).
+  const uint64_t ps = page_size_;
+  uint64_t first = div_up(cut_, ps);
+  uint64_t last = div_up(std::min(size_, base_size_), ps);
   if (last <= first) return 0;
-  uint64_t entries = map_.collect(first, last, [](const PageEntry&) { return true; }).size();
-  return (last - first) - entries;
+  std::vector<std::pair<uint64_t, uint64_t>> data;  // page ranges [a, b) with source data
+  uint64_t data_pages = 0;
+  for (uint64_t off = first * ps; off < std::min(size_, base_size_);) {
+    int64_t d = source_->next_data(off);
+    if (d < 0) {  // cannot tell: assume data everywhere
+      data.assign(1, {first, last});
+      data_pages = last - first;
+      break;
+    }
+    if (static_cast<uint64_t>(d) >= base_size_) break;
+    int64_t h = source_->next_hole(static_cast<uint64_t>(d));
+    uint64_t hole = h < 0 || static_cast<uint64_t>(h) <= static_cast<uint64_t>(d) ? base_size_ : static_cast<uint64_t>(h);
+    uint64_t a = std::max(first, static_cast<uint64_t>(d) / ps), b = std::min(last, div_up(hole, ps));
+    if (b > a) {
+      data.push_back({a, b});
+      data_pages += b - a;
+    }
+    if (hole <= off) break;
+    off = hole;
+  }
+  if (data_pages == 0) return 0;
+  uint64_t with_entry = 0;
+  for (uint64_t p : map_.collect(first, last, [](const PageEntry&) { return true; })) {
+    auto it = std::upper_bound(data.begin(), data.end(), std::make_pair(p, ~uint64_t{0}));
+    if (it != data.begin() && p < std::prev(it)->second) ++with_entry;
+  }
+  return data_pages - with_entry;
 }
 
 bool File::has_staged_locked() const {
