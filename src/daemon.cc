@@ -530,6 +530,14 @@ StatusReport Daemon::status(const std::vector<std::string>& paths) {
 
 DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
   DiscardReport r;
+  // Dirty pages the kernel holds (mmap writes) reach us as WRITEs whenever
+  // it writes them back; one still in flight would stage its page again
+  // after the discard. Flush and wait for them first (this is the control
+  // thread: the FUSE workers serve those WRITEs).
+  if (int mfd = open(opts_.mountpoint.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); mfd >= 0) {
+    syncfs(mfd);
+    close(mfd);
+  }
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
@@ -683,6 +691,9 @@ int run_daemon(const MountOptions& given) {
   // would move them into arenas that never shrink), and few arenas.
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   mallopt(M_ARENA_MAX, 4);
+  // Modes of created objects arrive with the caller's umask applied by the
+  // kernel: the daemon's own must not mask them a second time.
+  umask(0);
   // Open the source before the mount can hide it (deferfs DIR DIR).
   int root_fd = open(opts.source.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   if (root_fd < 0) {

@@ -672,12 +672,17 @@ void File::dirty_clean_page(uint64_t page) {
   e->base_hash = h;
 }
 
-ssize_t File::write(const char* buf, size_t len, uint64_t off) {
+ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   const uint64_t ps = page_size_;
   if (len == 0) return 0;
   if (off > std::numeric_limits<uint64_t>::max() - len) return -EFBIG;
-  const uint64_t end = off + len;
   std::unique_lock lk(mutex_);
+  const size_t asked = len;
+  if (writeback) {
+    if (off >= size_) return static_cast<ssize_t>(asked);  // all past the end: nothing to keep
+    len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  }
+  const uint64_t end = off + len;
   int rc = segment_->reserve(end);
   if (rc < 0) return rc;
   const uint64_t first = off / ps, last = div_up(end, ps);
@@ -755,7 +760,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off) {
   touch_staged();
   if (!candidates.empty()) settle_candidates(lk, candidates);
   raise_cut_locked();
-  return static_cast<ssize_t>(len);
+  return static_cast<ssize_t>(asked);
 }
 
 void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages) {

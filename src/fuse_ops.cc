@@ -24,7 +24,12 @@ namespace {
 
 // The source's hidden state directory: never shown through the mount.
 constexpr const char* kHiddenDir = ".deferfs";
-constexpr double kTimeout = 1.0;  // entry and attribute cache, seconds
+constexpr double kTimeout = 1.0;  // entry cache, and attributes of non-regular files, seconds
+// Regular files: the size can change behind the kernel (discard, a new
+// snapshot, a restore), and the kernel trusts a cached size for reads and
+// writes without asking: no attribute caching for them.
+constexpr double kFileAttrTimeout = 0.0;
+double attr_timeout(const struct stat& st) { return S_ISREG(st.st_mode) ? kFileAttrTimeout : kTimeout; }
 
 Daemon& daemon_of(fuse_req_t req) { return *static_cast<Daemon*>(fuse_req_userdata(req)); }
 Inode& inode_of(fuse_req_t req, fuse_ino_t ino) { return daemon_of(req).inodes().get(ino); }
@@ -94,6 +99,7 @@ int do_lookup(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_entry_pa
   if (S_ISREG(st.st_mode)) overlay(*inode, st);
   e.ino = d.inodes().nodeid(*inode);
   e.attr = st;
+  e.attr_timeout = attr_timeout(st);
   return 0;
 }
 
@@ -162,7 +168,7 @@ void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   if (err)
     fuse_reply_err(req, err);
   else
-    fuse_reply_attr(req, &st, kTimeout);
+    fuse_reply_attr(req, &st, attr_timeout(st));
 }
 
 void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
@@ -235,7 +241,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
   if (err)
     fuse_reply_err(req, err);
   else
-    fuse_reply_attr(req, &st, kTimeout);
+    fuse_reply_attr(req, &st, attr_timeout(st));
 }
 
 void op_readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -466,7 +472,7 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t of
   // thread at any moment: keep what is used afterwards.
   Daemon& d = daemon_of(req);
   const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
-  ssize_t n = file->write(buf, size, static_cast<uint64_t>(off));
+  ssize_t n = file->write(buf, size, static_cast<uint64_t>(off), fi->writepage != 0);
   if (n < 0)
     fuse_reply_err(req, static_cast<int>(-n));
   else

@@ -140,8 +140,11 @@ class File : public std::enable_shared_from_this<File> {
   int segment_fd() const { return segment_->fd(); }
 
   // Stages a write. Pages whose bytes do not change are counted as skipped
-  // and stay as they were. Returns `len` or -errno.
-  ssize_t write(const char* buf, size_t len, uint64_t off);
+  // and stay as they were. Returns `len` or -errno. `writeback`: the kernel
+  // writing back its cached pages (mmap): that never extends the file, and
+  // is clipped to the current size (a page cached before a truncate or a
+  // discard may be written back after it).
+  ssize_t write(const char* buf, size_t len, uint64_t off, bool writeback = false);
 
   // Stages a size change (truncate or extend). 0 or -errno.
   int truncate(uint64_t new_size);
