@@ -4,7 +4,8 @@
 # then runs each one for a budget and reports libFuzzer's execution count.
 #
 #   tests/fuzz/build_and_run.sh [--build-dir DIR] [--runs N] [--time SECONDS]
-#                               [--jobs N] [--sanitizers LIST] [TARGET...]
+#                               [--jobs N] [--sanitizers LIST] [--max-len N]
+#                               [TARGET...]
 #
 # TARGET is fuzz_control_request, fuzz_mount_options or fuzz_journal (default:
 # all). --runs caps the executions per target (-runs), --time the seconds
@@ -27,6 +28,7 @@ runs=""
 max_time=""
 jobs=2
 sanitizers=address,undefined
+max_len=65536
 targets=()
 
 while [[ $# -gt 0 ]]; do
@@ -36,6 +38,7 @@ while [[ $# -gt 0 ]]; do
     --time) max_time=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --sanitizers) sanitizers=$2; shift 2 ;;
+    --max-len) max_len=$2; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "build_and_run.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
@@ -194,7 +197,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus"
   seeds=()
   [[ -d "$here/corpus/$t" ]] && seeds+=("$here/corpus/$t")
-  args=(-artifact_prefix="$build/artifacts/$t-" -print_final_stats=1 -max_len=65536 -timeout=10 -rss_limit_mb=4096)
+  args=(-artifact_prefix="$build/artifacts/$t-" -print_final_stats=1 -max_len="$max_len" -timeout=10 -rss_limit_mb=4096)
   [[ -n $runs ]] && args+=(-runs="$runs")
   [[ -n $max_time ]] && args+=(-max_total_time="$max_time")
   [[ -f "$here/$t.dict" ]] && args+=(-dict="$here/$t.dict")

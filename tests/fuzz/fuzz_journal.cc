@@ -63,9 +63,10 @@ struct Recorder : deferfs::JournalTarget {
            std::to_string(XXH64(data, static_cast<size_t>(len), 0));
     return 0;
   }
-  int finish(uint64_t final_size) override {
+  int finish(uint64_t final_size, const struct timespec* mtime) override {
     if (!open_file) fail("finish() without a selected file");
     log += "E" + std::to_string(final_size);
+    if (mtime) log += "@" + std::to_string(mtime->tv_sec) + "." + std::to_string(mtime->tv_nsec);
     return 0;
   }
 };
@@ -122,11 +123,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (check == deferfs::JournalCheck::Incomplete && why.empty()) fail("incomplete without a reason");
 
   Recorder first, second;
-  uint64_t files1 = 0, files2 = 0;
-  const int rc1 = deferfs::replay_journal(g_dirfd, kName, first, &files1);
-  const int rc2 = deferfs::replay_journal(g_dirfd, kName, second, &files2);
+  uint64_t files1 = 0, files2 = 0, bytes1 = 0, bytes2 = 0;
+  const int rc1 = deferfs::replay_journal(g_dirfd, kName, first, &files1, &bytes1);
+  const int rc2 = deferfs::replay_journal(g_dirfd, kName, second, &files2, &bytes2);
   if (check != deferfs::JournalCheck::Complete && rc1 == 0) fail("an incomplete journal was replayed");
-  if (rc1 != rc2 || files1 != files2 || first.log != second.log) fail("replaying twice differs");
+  if (rc1 != rc2 || files1 != files2 || bytes1 != bytes2 || first.log != second.log) fail("replaying twice differs");
+  if (rc1 == 0 && bytes1 != first.written) fail("replay's byte count differs from what it wrote");
   if (first.written > file.size()) fail("replay wrote more bytes than the journal holds");
   if (rc1 > 0) fail("replay returned a positive value");
   return 0;
