@@ -289,7 +289,15 @@ json call_daemon(const Target& t, const ControlRequest& req,
                  const std::function<void(uint64_t, uint64_t)>& on_progress = {}) {
   const std::string& mp = t.mount.mountpoint;
   try {
-    return control_call(t.socket, req, on_progress);
+    // A daemon serving its maximum of clients answers EBUSY without running
+    // anything: wait for a slot (up to about 10 s) as a user would.
+    for (int attempt = 0;; ++attempt) {
+      json reply = control_call(t.socket, req, on_progress);
+      const bool busy = !reply.value("ok", false) && reply.value("errno", std::string()) == "EBUSY" &&
+                        !reply.contains("result");
+      if (!busy || attempt >= 50) return reply;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
   } catch (const ControlConnectError& e) {
     throw CliError(1, "cannot reach the daemon of " + mp + " at " + t.socket + ": " + e.code().message());
   } catch (const std::system_error& e) {
