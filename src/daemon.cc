@@ -727,7 +727,17 @@ int run_daemon(const MountOptions& given) {
     if (mkdirat(root_fd, ".deferfs", 0700) < 0 && errno != EEXIST)
       std::fprintf(stderr, "deferfs: %s/.deferfs: %s; sync will not be possible\n", opts.source.c_str(),
                    std::strerror(errno));
-    state_fd = openat(root_fd, ".deferfs", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    state_fd = openat(root_fd, ".deferfs", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    // Trusted only if it is ours and nobody else can write in it: the
+    // journal replayed at mount and the spill files live there.
+    struct stat sst;
+    if (state_fd >= 0 && (fstat(state_fd, &sst) < 0 || sst.st_uid != geteuid() || (sst.st_mode & 077) != 0)) {
+      std::fprintf(stderr, "deferfs: %s/.deferfs: not owned by uid %u with mode 0700; not used "
+                           "(sync and spill need it: remove it or fix its owner and mode)\n",
+                   opts.source.c_str(), static_cast<unsigned>(geteuid()));
+      close(state_fd);
+      state_fd = -1;
+    }
     if (state_fd >= 0 && Committer::recover(root_fd, state_fd) < 0)
       std::fprintf(stderr, "deferfs: %s: an interrupted sync could not be finished (see above)\n",
                    opts.source.c_str());

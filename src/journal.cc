@@ -1,6 +1,8 @@
 #include "deferfs/journal.h"
 
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -202,13 +204,20 @@ namespace {
 // Opens and validates; returns the fd (caller closes) or -errno, with the
 // body's end in *body_end.
 int open_complete(int dirfd, const std::string& name, uint64_t* body_end, std::string& why) {
-  int fd = openat(dirfd, name.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = openat(dirfd, name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) return -errno;
   struct stat st;
   if (fstat(fd, &st) < 0) {
     int e = -errno;
     close(fd);
     return e;
+  }
+  // Only a journal this user wrote is replayed (anyone who can write the
+  // source root must not be able to plant one for a root daemon).
+  if (st.st_uid != geteuid() || !S_ISREG(st.st_mode)) {
+    why = "not a regular file owned by uid " + std::to_string(geteuid());
+    close(fd);
+    return -EPERM;
   }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   char header[kHeaderBytes], trailer[kTrailerBytes];
@@ -357,9 +366,34 @@ PathJournalTarget::~PathJournalTarget() {
   if (fd_ >= 0) close(fd_);
 }
 
+// A journal names files relative to the source root: no absolute path, no
+// "..", "." or empty component (a journal is data, never trusted to leave
+// the source).
+static bool safe_relative(const std::string& path) {
+  if (path.empty() || path[0] == '/') return false;
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t end = path.find('/', start);
+    if (end == std::string::npos) end = path.size();
+    std::string part = path.substr(start, end - start);
+    if (part.empty() || part == "." || part == "..") return false;
+    start = end + 1;
+  }
+  return true;
+}
+
 int PathJournalTarget::open(const std::string& path, dev_t dev, ino_t ino) {
   if (fd_ >= 0) close(fd_);
-  fd_ = openat(root_fd_, path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+  fd_ = -1;
+  if (!safe_relative(path)) {
+    skipped.push_back(path);
+    return 1;
+  }
+  // Resolved beneath the source root, no symlink followed on the way.
+  struct open_how how = {};
+  how.flags = O_WRONLY | O_CLOEXEC | O_NOFOLLOW;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  fd_ = static_cast<int>(syscall(SYS_openat2, root_fd_, path.c_str(), &how, sizeof how));
   struct stat st;
   if (fd_ < 0 || fstat(fd_, &st) < 0 || st.st_dev != dev || st.st_ino != ino) {
     skipped.push_back(path);

@@ -4,6 +4,7 @@
 
 #include <fuse_lowlevel.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -132,7 +133,7 @@ class Daemon final : public ControlHandler {
   Committer committer_;
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::unique_ptr<ControlServer> control_;
-  bool discard_on_exit_ = false;  // set by umount --discard before unmounting
+  std::atomic<bool> discard_on_exit_{false};  // set by umount --discard (control thread), read at exit
 
   // Readahead jobs, loaded by the prefetch thread (bounded: extra jobs are
   // dropped, readahead is a hint).

@@ -499,3 +499,65 @@ def test_without_allow_other_others_cannot_enter(users, shared, mount_factory):
         # The source itself is open to them: only the mount is closed.
         assert ops_as(u, [["read", str(m.s("f"))]]) == ["hello"]
     assert not os.path.exists(m.s("new"))
+
+
+# ------------------------------------------------ the source's .deferfs
+
+
+def xxh64(data):
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("xxhash") or "libxxhash.so.0"
+    lib = ctypes.CDLL(name)
+    lib.XXH64.restype = ctypes.c_uint64
+    lib.XXH64.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
+    return lib.XXH64(data, len(data), 0)
+
+
+def journal_bytes(records):
+    """A complete sync journal (journal.h format) for [(path, dev, ino, data)]."""
+    import struct
+    body = b""
+    for path, dev, ino, data in records:
+        body += b"F" + struct.pack("<I", len(path)) + path + struct.pack("<QQQ", dev, ino, len(data))
+        body += b"W" + struct.pack("<QQ", 0, len(data)) + data + b"E"
+    return b"DFJ1" + struct.pack("<I", 1) + body + b"T" + struct.pack("<QQ", len(body), xxh64(body))
+
+
+def test_planted_journal_cannot_write_outside_the_source(users, shared, mount_factory):
+    """A user who may write to the source's root can create its hidden
+    .deferfs directory before root mounts it. A journal planted there must not
+    make the root daemon write anywhere: not to files outside the source
+    (named by absolute path or through '..', with their real dev/ino, which
+    anyone can stat), not to files of other users inside it."""
+    A, B = users["A"], users["B"]
+    victims = {}
+    for name in ("outside-abs", "outside-dotdot"):
+        p = os.path.join(shared["top"], name)
+        write_file(p, b"root's data\n")
+        os.chmod(p, 0o644)
+        victims[p] = b"root's data\n"
+    inside = os.path.join(shared["src"], "b-file")
+    assert ops_as(B, [["create", inside, 0o644, "B's data\n"]]) == ["OK"]
+    victims[inside] = b"B's data\n"
+    records = []
+    for p, rel in ((os.path.join(shared["top"], "outside-abs"), None),
+                   (os.path.join(shared["top"], "outside-dotdot"), b"../outside-dotdot"),
+                   (inside, b"b-file")):
+        st = os.stat(p)
+        records.append((rel or p.encode(), st.st_dev, st.st_ino, b"written by a planted journal\n"))
+    plant = textwrap.dedent("""
+        import os, sys
+        d = os.path.join(sys.argv[1], ".deferfs")
+        os.mkdir(d, 0o777)
+        os.chmod(d, 0o777)
+        with open(os.path.join(d, "journal"), "wb") as f:
+            f.write(bytes.fromhex(sys.argv[2]))
+    """)
+    r = as_user(A, PY, "-c", plant, shared["src"], journal_bytes(records).hex())
+    assert r.returncode == 0, r.stderr
+    m = mount_factory(opts=["allow_other"], src=shared["src"], mnt=shared["mnt"], wait=False)
+    # Refusing to mount is acceptable; mounting and ignoring the journal too.
+    wait_for(lambda: m.mounted() or m.proc.poll() is not None, 10)
+    for p, data in victims.items():
+        assert read_file(p) == data, f"{p} was overwritten by a journal that {A.name} planted\n{m.log()}"
