@@ -361,7 +361,15 @@ int Daemon::open_spill_file(dev_t dev, ino_t ino) {
     log_error("%s/.deferfs: not available; staged pages cannot spill to disk", opts_.source.c_str());
     return -EROFS;
   }
-  int fd = openat(state_dir_fd_, spill_name(dev, ino).c_str(), O_CREAT | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
+  const std::string name = spill_name(dev, ino);
+  int fd = openat(state_dir_fd_, name.c_str(), O_CREAT | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
+  struct stat st;
+  if (fd >= 0 && (fstat(fd, &st) < 0 || st.st_uid != geteuid() || !S_ISREG(st.st_mode) || st.st_nlink != 1)) {
+    // Not ours (planted): never write staged data into it. Replace it.
+    close(fd);
+    unlinkat(state_dir_fd_, name.c_str(), 0);
+    fd = openat(state_dir_fd_, name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0600);
+  }
   int err = errno;
   if (fd < 0) {
     log_error("%s/.deferfs: cannot create a spill file: %s", opts_.source.c_str(), std::strerror(err));
@@ -730,7 +738,11 @@ int run_daemon(const MountOptions& given) {
     state_fd = openat(root_fd, ".deferfs", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     // Trusted only if it is ours and nobody else can write in it: the
     // journal replayed at mount and the spill files live there.
+    // Ours but open to others: close it to them (what others may have put
+    // in it is checked file by file: journal and spill files must be ours).
     struct stat sst;
+    if (state_fd >= 0 && fstat(state_fd, &sst) == 0 && sst.st_uid == geteuid() && (sst.st_mode & 077) != 0)
+      fchmod(state_fd, 0700);
     if (state_fd >= 0 && (fstat(state_fd, &sst) < 0 || sst.st_uid != geteuid() || (sst.st_mode & 077) != 0)) {
       std::fprintf(stderr, "deferfs: %s/.deferfs: not owned by uid %u with mode 0700; not used "
                            "(sync and spill need it: remove it or fix its owner and mode)\n",
