@@ -386,8 +386,7 @@ void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
     --file->handles;
     return;
   }
-  Handle* raw = h.release();
-  d.keep_handle(raw, [raw] { delete raw; });
+  h.release();
 }
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -426,8 +425,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
     --file->handles;
     return;
   }
-  Handle* raw = h.release();
-  d.keep_handle(raw, [raw] { delete raw; });
+  h.release();
 }
 
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
@@ -485,7 +483,6 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t of
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
 
 void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  daemon_of(req).drop_handle(reinterpret_cast<void*>(fi->fh));
   std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
   --h->file->handles;
   h.reset();
@@ -533,10 +530,8 @@ void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     return (void)fuse_reply_err(req, err);
   }
   fi->fh = reinterpret_cast<uint64_t>(dh.get());
-  Daemon& d = daemon_of(req);
   if (fuse_reply_open(req, fi) == -ENOENT) return;
-  DirHandle* raw = dh.release();
-  d.keep_handle(raw, [raw] { delete raw; });
+  dh.release();
 }
 
 void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
@@ -574,7 +569,6 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
 }
 
 void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
-  daemon_of(req).drop_handle(reinterpret_cast<void*>(fi->fh));
   delete reinterpret_cast<DirHandle*>(fi->fh);
   fuse_reply_err(req, 0);
 }

@@ -12,8 +12,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <functional>
-#include <unordered_map>
 #include <vector>
 
 #include "deferfs/cache.h"
@@ -91,12 +89,6 @@ class Daemon final : public ControlHandler {
   void start_threads();
   void stop_threads();
 
-  // Handles given to the kernel (fi->fh) are owned here until released: a
-  // mount that goes away with handles open sends no RELEASE, and they are
-  // freed with the Daemon instead of leaking.
-  void keep_handle(void* h, std::function<void()> free);
-  void drop_handle(void* h);
-
  private:
   std::vector<CommitTarget> targets(const std::vector<std::string>& paths, bool staged_only);
   std::string rel_path(const Inode& inode, int depth);
@@ -153,9 +145,6 @@ class Daemon final : public ControlHandler {
   std::deque<PrefetchJob> prefetch_queue_;  // guarded by notify_mutex_
   std::condition_variable prefetch_cv_;
   std::thread prefetcher_;
-
-  std::mutex handles_mutex_;  // guards handles_
-  std::unordered_map<void*, std::function<void()>> handles_;
 
   std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_, prefetch_queue_
   std::condition_variable notify_cv_;
