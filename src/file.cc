@@ -225,15 +225,21 @@ void File::punch_locked(uint64_t off, uint64_t len) {
   pending_punch_.push_back({off, len});
 }
 
+ssize_t File::load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len) {
+  if (off >= size_ || len == 0) return 0;
+  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  int rc = ensure_loaded(lk, off / page_size_, div_up(off + len, page_size_));
+  if (rc < 0) return rc;
+  if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
+  return static_cast<ssize_t>(std::min<uint64_t>(len, size_ - off));
+}
+
 ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
   const uint64_t ps = page_size_;
   std::unique_lock lk(mutex_);
-  if (off >= size_ || len == 0) return 0;
-  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  int rc = ensure_loaded(lk, off / ps, div_up(off + len, ps));
-  if (rc < 0) return rc;
-  if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
-  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  const ssize_t got = load_for_read_locked(lk, off, len);
+  if (got <= 0) return got;
+  len = static_cast<size_t>(got);
   for (uint64_t p = off / ps; p * ps < off + len; ++p) {
     uint64_t a = std::max(off, p * ps), b = std::min(off + len, (p + 1) * ps);
     PageEntry* e = map_.find(p);
@@ -636,14 +642,10 @@ ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
 }
 
 ssize_t File::read_into(uint64_t off, size_t len, char* out) {
-  const uint64_t ps = page_size_;
   std::unique_lock lk(mutex_);
-  if (off >= size_ || len == 0) return 0;
-  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  int rc = ensure_loaded(lk, off / ps, div_up(off + len, ps));
-  if (rc < 0) return rc;
-  if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
-  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
+  const ssize_t got = load_for_read_locked(lk, off, len);
+  if (got <= 0) return got;
+  len = static_cast<size_t>(got);
   copy_out_locked(off, len, out);
   note_read_locked(off, len);
   return static_cast<ssize_t>(len);

@@ -267,6 +267,9 @@ class File : public std::enable_shared_from_this<File> {
   // `touch`: the pages are being read (they get the clock's referenced bit);
   // prefetched pages do not, so eviction takes them first.
   int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch = true);
+  // Clips a read to the size and loads its pages; the byte count, 0 at end
+  // of file, or -errno. lk is held on entry and exit.
+  ssize_t load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len);
   // Follows the read [off, off+len) for readahead; called with the lock held.
   void note_read_locked(uint64_t off, uint64_t len);
   // Reads [first, first+count) from the source into the segment (lock not held).
