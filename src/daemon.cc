@@ -122,6 +122,16 @@ void Daemon::invalidate_now(const Inode& inode) {
   if (se_) fuse_lowlevel_notify_inval_inode(se_, inodes_.nodeid(inode), 0, 0);
 }
 
+void Daemon::refresh_kernel_view(const Inode& inode) {
+  invalidate_now(inode);
+  const std::string rel = rel_path(inode);
+  if (rel.empty() || rel == "?") return;  // unlinked: no path to ask by
+  // The attributes were just invalidated: this stat is a GETATTR, answered
+  // by the FUSE workers (this is not one of them).
+  struct stat st;
+  (void)stat((opts_.mountpoint + "/" + rel).c_str(), &st);
+}
+
 void Daemon::notifier_loop() {
   std::unique_lock lk(notify_mutex_);
   for (;;) {
@@ -511,7 +521,7 @@ SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const
       std::lock_guard lk(inode->m);
       file = inode->file;
     }
-    if (file && file->take_stale_kernel_cache()) invalidate_now(*inode);
+    if (file && file->take_stale_kernel_cache()) refresh_kernel_view(*inode);
   }
   for (const auto& inode : inodes_.with_files()) inodes_.prune(*inode);
   return r;
@@ -562,7 +572,7 @@ DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
     ++r.files;
     // The kernel's cached pages and size show staged bytes: drop them before
     // the command returns (this is the control thread, not a FUSE request).
-    invalidate_now(*inode);
+    refresh_kernel_view(*inode);
     file->take_stale_kernel_cache();
     inodes_.prune(*inode);
   }

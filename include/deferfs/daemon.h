@@ -79,6 +79,12 @@ class Daemon final : public ControlHandler {
   // Drops the kernel's cached pages and attributes of `inode` now, and
   // waits for it. Never from inside a FUSE request (control thread only).
   void invalidate_now(const Inode& inode);
+  // invalidate_now, then a stat of the file through the mount, so that the
+  // kernel takes the file's size now. The kernel keeps a cached size (i_size)
+  // until it asks again and a read inside that size never asks: after the
+  // daemon shrank a file behind it (discard, a new snapshot), a read would
+  // otherwise see bytes past the new end. Control thread only.
+  void refresh_kernel_view(const Inode& inode);
   const std::string& control_path() const { return control_path_; }
   void set_session(fuse_session* se) { se_ = se; }
   // Sync everything staged; used at exit (signal, fusermount3 -u). Logs.

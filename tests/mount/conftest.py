@@ -421,6 +421,20 @@ def src_names(path):
     return sorted(n for n in os.listdir(path) if n != ".deferfs")
 
 
+def cached_size(path):
+    """The size the kernel holds for `path` without asking the daemon:
+    statx(AT_STATX_DONT_SYNC), which FUSE answers from its cached attributes.
+    A read inside that size does not ask the daemon either."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    AT_STATX_DONT_SYNC, STATX_SIZE = 0x4000, 0x200
+    if libc.statx(-100, os.fsencode(path), AT_STATX_DONT_SYNC, STATX_SIZE, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int.from_bytes(buf.raw[40:48], "little")  # stx_size
+
+
 def drop_cache(path):
     """Drops the kernel's clean cached pages of one file (reads then reach the daemon)."""
     fd = os.open(str(path), os.O_RDONLY)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import drop_cache, pread, pwrite, read_file, src_names, write_file
+from conftest import cached_size, drop_cache, pread, pwrite, read_file, src_names, write_file
 
 MiB = 1 << 20
 PAGE = 4096
@@ -241,6 +241,27 @@ def test_discard_restores_source_content(f64):
         assert_nothing_staged(m)
     assert read_file(m.m("f.bin")) == orig
     assert read_file(m.s("f.bin")) == orig
+
+
+def test_discard_tells_the_kernel_the_size_at_once(f64):
+    """The kernel keeps a cached size and a read inside it never asks the
+    daemon: after a discard shrank the file, that size must be the new one
+    before `discard` returns, or a later read shows bytes past the end."""
+    m, orig = f64
+    path = m.m("f.bin")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * PAGE, SIZE + 5 * PAGE)  # staged extend
+        assert cached_size(path) == SIZE + 6 * PAGE
+        m.discard()
+        assert cached_size(path) == SIZE, "the kernel still holds the discarded size"
+        # Extend by a little, inside the discarded size, and read across the end
+        # with a read that leaves the last page to a request of its own.
+        os.pwrite(fd, b"y" * 100, SIZE + 50)
+        assert os.pread(fd, PAGE, SIZE + PAGE) == b""
+        assert os.pread(fd, 3 * PAGE, SIZE - PAGE) == orig[-PAGE:] + bytes(50) + b"y" * 100
+    finally:
+        os.close(fd)
 
 
 def test_new_file_data_is_staged(mnt):
