@@ -49,7 +49,21 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       cache_(counters_, opts.cache_size, opts.dirty_limit),
       committer_(counters_, source_root_fd, state_dir_fd) {}
 
-Daemon::~Daemon() { stop_threads(); }
+Daemon::~Daemon() {
+  stop_threads();
+  // No request runs any more: what is left here got no RELEASE.
+  for (auto& [h, free] : handles_) free();
+}
+
+void Daemon::keep_handle(void* h, std::function<void()> free) {
+  std::lock_guard lk(handles_mutex_);
+  handles_.emplace(h, std::move(free));
+}
+
+void Daemon::drop_handle(void* h) {
+  std::lock_guard lk(handles_mutex_);
+  handles_.erase(h);
+}
 
 Daemon::OwnedFd::~OwnedFd() {
   if (fd >= 0) close(fd);

@@ -45,9 +45,9 @@ bool hidden(fuse_ino_t parent, const char* name) {
 }
 
 // One open file handle (fi->fh).
+// The kernel's lookup keeps the Inode alive while a handle is open.
 struct Handle {
-  std::shared_ptr<Inode> inode;  // keeps the Inode alive while open
-  std::shared_ptr<File> file;    // regular files
+  std::shared_ptr<File> file;
 };
 
 // Overlays the staged size and times of a regular file on the source's stat.
@@ -382,11 +382,13 @@ void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
   ++file->handles;
   fi->keep_cache = keep_cache ? 1 : 0;
   fi->fh = reinterpret_cast<uint64_t>(h.get());
+  Handle* raw = h.release();
+  d.keep_handle(raw, [raw] { delete raw; });
   if (fuse_reply_open(req, fi) == -ENOENT) {  // interrupted: the open never happened
+    d.drop_handle(raw);
+    delete raw;
     --file->handles;
-    return;
   }
-  h.release();
 }
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -421,11 +423,13 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   h->file = file;
   ++file->handles;
   fi->fh = reinterpret_cast<uint64_t>(h.get());
+  Handle* raw = h.release();
+  d.keep_handle(raw, [raw] { delete raw; });
   if (fuse_reply_create(req, &e, fi) == -ENOENT) {
+    d.drop_handle(raw);
+    delete raw;
     --file->handles;
-    return;
   }
-  h.release();
 }
 
 void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
@@ -483,6 +487,7 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t of
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
 
 void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  daemon_of(req).drop_handle(reinterpret_cast<void*>(fi->fh));
   std::unique_ptr<Handle> h(reinterpret_cast<Handle*>(fi->fh));
   --h->file->handles;
   h.reset();
@@ -530,8 +535,13 @@ void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     return (void)fuse_reply_err(req, err);
   }
   fi->fh = reinterpret_cast<uint64_t>(dh.get());
-  if (fuse_reply_open(req, fi) == -ENOENT) return;
-  dh.release();
+  Daemon& d = daemon_of(req);
+  DirHandle* raw = dh.release();
+  d.keep_handle(raw, [raw] { delete raw; });
+  if (fuse_reply_open(req, fi) == -ENOENT) {
+    d.drop_handle(raw);
+    delete raw;
+  }
 }
 
 void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
@@ -569,6 +579,7 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
 }
 
 void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  daemon_of(req).drop_handle(reinterpret_cast<void*>(fi->fh));
   delete reinterpret_cast<DirHandle*>(fi->fh);
   fuse_reply_err(req, 0);
 }

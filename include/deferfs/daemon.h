@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "deferfs/cache.h"
@@ -95,6 +97,13 @@ class Daemon final : public ControlHandler {
   void start_threads();
   void stop_threads();
 
+  // Ownership of the handles given to the kernel (fi->fh): registered before
+  // the open is replied to (a RELEASE may come at once, on another thread),
+  // unregistered by RELEASE/RELEASEDIR. A mount that goes away with handles
+  // open sends no RELEASE: those are freed with the Daemon.
+  void keep_handle(void* h, std::function<void()> free);
+  void drop_handle(void* h);
+
  private:
   std::vector<CommitTarget> targets(const std::vector<std::string>& paths, bool staged_only);
   std::string rel_path(const Inode& inode, int depth);
@@ -151,6 +160,9 @@ class Daemon final : public ControlHandler {
   std::deque<PrefetchJob> prefetch_queue_;  // guarded by notify_mutex_
   std::condition_variable prefetch_cv_;
   std::thread prefetcher_;
+
+  std::mutex handles_mutex_;  // guards handles_
+  std::unordered_map<void*, std::function<void()>> handles_;
 
   std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_, prefetch_queue_
   std::condition_variable notify_cv_;
