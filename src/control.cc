@@ -675,6 +675,18 @@ void ControlServer::accept_one() {
     return;
   }
   if (workers_.size() >= kMaxClients) {
+    // A client that got its reply and closed may still be counted: its thread
+    // is only now seeing the end of the stream.
+    std::unique_lock lk(finished_mutex_);
+    finished_cv_.wait_for(lk, std::chrono::milliseconds(kFullWaitMs), [this] {
+      for (const Worker& w : workers_)
+        if (w.done) return true;
+      return false;
+    });
+    lk.unlock();
+    reap_workers(false);
+  }
+  if (workers_.size() >= kMaxClients) {
     reject(conn.get(), "the daemon is busy: " + std::to_string(kMaxClients) + " clients connected, try again",
            EBUSY);
     return;
@@ -683,7 +695,11 @@ void ControlServer::accept_one() {
   try {
     w.thread = std::thread([this, &w, fd = conn.get()] {
       serve_client(fd);
-      w.done = true;
+      {
+        std::lock_guard lk(finished_mutex_);
+        w.done = true;
+      }
+      finished_cv_.notify_all();
     });
   } catch (const std::system_error& e) {
     workers_.pop_back();

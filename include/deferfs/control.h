@@ -36,6 +36,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <functional>
 #include <list>
 #include <memory>
@@ -108,6 +109,8 @@ class ControlServer {
  public:
   static constexpr size_t kMaxClients = 16;
   static constexpr int kIoTimeoutMs = 5000;
+  // With every slot taken, how long a new client waits for one to free.
+  static constexpr int kFullWaitMs = 200;
 
   // Creates `socket_path` (removing a stale socket there; refusing if a live
   // daemon answers on it or something else than a socket is there). Mode
@@ -155,6 +158,10 @@ class ControlServer {
   std::list<Worker> workers_;          // touched only by the accepting thread,
                                        // and by the destructor once it is joined
   std::mutex op_mutex_;                // serializes sync, discard and umount
+  // A client thread that finished says so here: with every slot taken, the
+  // accepting thread waits a moment for one whose client just hung up.
+  std::mutex finished_mutex_;
+  std::condition_variable finished_cv_;
 };
 
 // Thrown by control_call when it cannot connect to the socket at all (no
