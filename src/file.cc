@@ -248,7 +248,7 @@ ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
     if (!out.empty() && out.back().zeros == zeros && (zeros || out.back().off + out.back().len == a))
       out.back().len += b - a;
     else
-      out.push_back({zeros, a, b - a});
+      out.push_back({zeros, a, b - a, zeros ? nullptr : segment_->data() + a});
   }
   ++pins_;
   note_read_locked(off, len);

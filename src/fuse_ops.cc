@@ -128,10 +128,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // behind it (re-snapshot, discard): keep it across mtime changes.
   if (conn->capable & FUSE_CAP_EXPLICIT_INVAL_DATA) conn->want |= FUSE_CAP_EXPLICIT_INVAL_DATA;
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
-  // Replies are spliced from the segments. Never SPLICE_MOVE: the kernel
-  // could steal a page out of a segment.
-  if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
-  conn->want &= ~FUSE_CAP_SPLICE_MOVE;
+  // Replies are written from the segments' memory (op_read), never spliced:
+  // with SPLICE_MOVE the kernel could even steal a page out of a segment.
+  conn->want &= ~(FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
 }
 
 // ------------------------------------------------------------ lookup, attrs
@@ -437,35 +436,32 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   // thread at any moment: keep what is used afterwards.
   Daemon& d = daemon_of(req);
   const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
-  // Replied straight from the segment's fd (libfuse splices it into
-  // /dev/fuse): no copy in the daemon. The file stays pinned until the reply
-  // is sent, so eviction cannot free those pages meanwhile.
+  // Replied straight from the segment's memory: one copy, by the kernel,
+  // into the reply (libfuse's fd path would pread into a fresh buffer and
+  // copy twice; it splices only when asked and never below 8 KiB). The file
+  // stays pinned until the reply is sent, so eviction cannot free those pages
+  // meanwhile.
   std::vector<File::Extent> extents;
   ssize_t n = file->read_pinned(static_cast<uint64_t>(off), size, extents);
   if (n < 0) {
     fuse_reply_err(req, static_cast<int>(-n));
   } else {
     static const std::vector<char> zeros(2u << 20, 0);  // holes and cut pages
-    const size_t count = std::max<size_t>(extents.size(), 1);
-    std::vector<char> storage(sizeof(fuse_bufvec) + (count - 1) * sizeof(fuse_buf));
-    auto* bufv = reinterpret_cast<fuse_bufvec*>(storage.data());
-    *bufv = FUSE_BUFVEC_INIT(0);
-    bufv->count = extents.size();
-    for (size_t i = 0; i < extents.size(); ++i) {
-      fuse_buf& b = bufv->buf[i];
-      b = fuse_buf{};
-      b.size = extents[i].len;
-      if (extents[i].zeros) {
-        // Zero runs are at most one request long (<= max_read <= 2 MiB).
-        b.mem = const_cast<char*>(zeros.data());
-      } else {
-        b.flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY);
-        b.fd = file->segment_fd();
-        b.pos = static_cast<off_t>(extents[i].off);
-      }
+    // Extents are runs of resident or zero pages, so few; a short array on
+    // the stack covers the usual case.
+    iovec small[16];
+    std::vector<iovec> large;
+    iovec* iov = small;
+    if (extents.size() > std::size(small)) {
+      large.resize(extents.size());
+      iov = large.data();
     }
-    if (extents.empty()) bufv->buf[0].size = 0;
-    fuse_reply_data(req, bufv, FUSE_BUF_SPLICE_NONBLOCK);
+    for (size_t i = 0; i < extents.size(); ++i) {
+      // Zero runs are at most one request long (<= max_read <= 2 MiB).
+      const char* from = extents[i].zeros ? zeros.data() : extents[i].data;
+      iov[i] = iovec{const_cast<char*>(from), static_cast<size_t>(extents[i].len)};
+    }
+    fuse_reply_iov(req, iov, static_cast<int>(extents.size()));
     file->unpin();
   }
   d.cache().balance(file.get());

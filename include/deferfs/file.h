@@ -124,20 +124,22 @@ class File : public std::enable_shared_from_this<File> {
   // the lock, so eviction can never free them mid-reply.
   ssize_t read_into(uint64_t off, size_t len, char* out);
 
-  // A read to be replied straight from the segment's fd (splice): the ranges
-  // to send in order, each either bytes of the segment at `off` or zeros.
-  // The file stays pinned until unpin(): memory a pinned reply may still be
-  // sending is not punched (eviction, truncate, spill defer their punches).
+  // A read to be replied straight from the segment's memory: the ranges to
+  // send in order, each either bytes of the segment at `off` (mapped at
+  // `data` in this process; a mapping stays valid while the File lives) or
+  // zeros. The file stays pinned until unpin(): memory a pinned reply may
+  // still be sending is not punched (eviction, truncate, spill defer their
+  // punches).
   struct Extent {
     bool zeros;
     uint64_t off;  // segment offset (== file offset) when !zeros
     uint64_t len;
+    const char* data;  // segment memory of `off` when !zeros
   };
   // Returns the byte count (short at end of file) or -errno; on success the
   // caller must call unpin() once the reply is sent.
   ssize_t read_pinned(uint64_t off, size_t len, std::vector<Extent>& out);
   void unpin();
-  int segment_fd() const { return segment_->fd(); }
 
   // Stages a write. Pages whose bytes do not change are counted as skipped
   // and stay as they were. Returns `len` or -errno. `writeback`: the kernel
