@@ -380,6 +380,10 @@ void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
   // handle needs no separate reference to it.
   ++file->handles;
   fi->keep_cache = keep_cache ? 1 : 0;
+  // A read-only handle has nothing to flush at close (no locks are served
+  // here, and its mappings cannot be written): the kernel then skips the
+  // FLUSH round trip of every close(2).
+  fi->noflush = (fi->flags & O_ACCMODE) == O_RDONLY ? 1 : 0;
   fi->fh = reinterpret_cast<uint64_t>(h.get());
   Handle* raw = h.release();
   d.keep_handle(raw, [raw] { delete raw; });
