@@ -186,7 +186,19 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
     size_t i, j;  // pages[i..j)
     uint64_t off, len;
   };
+  // Pages known to differ from the snapshot need no compare when the source
+  // is the snapshot (not a forced sync over an outside change).
+  const std::vector<uint8_t> no_knowledge;
   auto journal_pages = [&](const std::vector<uint64_t>& pages, bool spilled) -> int {
+    const std::vector<uint8_t>& known =
+        !spilled && !job.forced && plan.known_changed.size() == pages.size() ? plan.known_changed : no_knowledge;
+    auto known_changed = [&](size_t q) { return !known.empty() && known[q]; };
+    auto needs_source = [&](const Run& run) {
+      if (run.off >= plan.source_size) return false;
+      for (size_t q = run.i; q < run.j; ++q)
+        if (!known_changed(q)) return true;
+      return false;
+    };
     std::vector<Run> runs;
     for (size_t i = 0; i < pages.size();) {
       size_t j = i + 1;
@@ -208,12 +220,13 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
       uint64_t at = 0;
       for (size_t k = w; k < we; ++k) {
         const Run& run = runs[k];
-        if (run.off < plan.source_size)
+        if (needs_source(run))
           reads.push_back({window.data() + at, static_cast<size_t>(std::min(run.len, plan.source_size - run.off)),
                            run.off});
         at += run.len;
       }
-      if (int rc = src.read_batch_live(reads); rc < 0) return rc;
+      if (!reads.empty())
+        if (int rc = src.read_batch_live(reads); rc < 0) return rc;
       if (int rc = unchanged(); rc < 0) return rc;
       at = 0;
       for (size_t k = w; k < we; ++k) {
@@ -235,7 +248,7 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
         };
         for (uint64_t a = 0; a < run.len; a += ps) {
           uint64_t b = std::min(a + ps, run.len);
-          if (std::memcmp(now + a, old + a, b - a) == 0) {
+          if (!known_changed(run.i + a / ps) && std::memcmp(now + a, old + a, b - a) == 0) {
             ++result.pages_skipped;
             flush();
             continue;

@@ -867,7 +867,12 @@ CommitPlan File::begin_commit() {
   plan.mtime = staged_mtime_;
   plan.pages = map_.collect(0, div_up(size_, ps),
                             [](const PageEntry& e) { return e.state == PageState::Dirty; });
-  for (uint64_t p : plan.pages) set_page_state(p, PageState::Writeback);
+  plan.known_changed.resize(plan.pages.size());
+  for (size_t i = 0; i < plan.pages.size(); ++i) {
+    const uint64_t p = plan.pages[i];
+    PageEntry* e = set_page_state(p, PageState::Writeback);
+    plan.known_changed[i] = e->has_base_hash && page_hash(p) != e->base_hash ? 1 : 0;
+  }
   plan.spilled = map_.collect(0, div_up(size_, ps),
                               [](const PageEntry& e) { return e.state == PageState::Spilled; });
   for (uint64_t p : plan.spilled) map_.find(p)->flags |= PageEntry::kCommitting;
@@ -967,11 +972,11 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
   for (uint64_t p : plan.pages) {
     PageEntry* e = map_.find(p);
     if (!e) continue;  // cut by a truncate meanwhile (not possible under commit_mutex)
-    if (e->state == PageState::Writeback) {
-      set_page_state(p, ok ? PageState::Clean : PageState::Dirty);
-    } else if (ok && e->state == PageState::Dirty) {
-      e->has_base_hash = false;  // the source holds whatever the commit wrote
-    }
+    if (e->state == PageState::Writeback) e = set_page_state(p, ok ? PageState::Clean : PageState::Dirty);
+    // Committed, or maybe partly (a failed sync may have applied some pages):
+    // the source holds whatever the commit wrote, not the snapshot's bytes,
+    // so a staged page's base is unknown until compared again.
+    if (e->state == PageState::Dirty) e->has_base_hash = false;
   }
   for (uint64_t p : plan.spilled) {
     PageEntry* e = map_.find(p);

@@ -65,6 +65,11 @@ struct CommitPlan {
   uint64_t final_size = 0;            // the size the source must end with
   uint64_t source_size = 0;           // the source's size when the plan was made
   std::vector<uint64_t> pages;        // Writeback pages (sorted), bytes in the segment
+  // Per entry of `pages`: 1 when the page is known to differ from the
+  // snapshot (its hash is not the snapshot page's hash), so the commit need
+  // not read the source to compare it (the source is the snapshot unless the
+  // sync is forced). Empty: nothing known.
+  std::vector<uint8_t> known_changed;
   std::vector<uint64_t> spilled;      // Spilled pages (sorted), bytes in the spill file
   // Runs (first page, count) of cut pages below min(final, source) size that
   // have no entry: they must read as zeros on the source.
