@@ -42,44 +42,76 @@ struct Ring {
 
 }  // namespace
 
-int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) {
+namespace {
+
+// One pread or pwrite step of a batch request when there is no io_uring:
+// bytes moved, 0 at end of file (reads), or -errno.
+ssize_t sync_step(int fd, ReadRequest& q, size_t done) {
+  return pread(fd, static_cast<char*>(q.buf) + done, q.len - done, static_cast<off_t>(q.off + done));
+}
+ssize_t sync_step(int fd, WriteRequest& q, size_t done) {
+  return pwrite(fd, static_cast<const char*>(q.buf) + done, q.len - done, static_cast<off_t>(q.off + done));
+}
+void prep_step(io_uring_sqe* sqe, int fd, ReadRequest& q, size_t done) {
+  io_uring_prep_read(sqe, fd, static_cast<char*>(q.buf) + done, static_cast<unsigned>(q.len - done), q.off + done);
+}
+void prep_step(io_uring_sqe* sqe, int fd, WriteRequest& q, size_t done) {
+  io_uring_prep_write(sqe, fd, static_cast<const char*>(q.buf) + done, static_cast<unsigned>(q.len - done),
+                      q.off + done);
+}
+// A read ends at end of file (0 bytes: the result is what was read); a write
+// that makes no progress is an error.
+constexpr bool kIsWrite(const ReadRequest*) { return false; }
+constexpr bool kIsWrite(const WriteRequest*) { return true; }
+
+// Runs every request of a batch on `fd`: io_uring, one submission per
+// window of up to 64 requests, short transfers and -EAGAIN resubmitted;
+// plain pread/pwrite when io_uring is not available. Returns 0 or the first
+// -errno (also left in the failing request's result).
+template <typename Req>
+int batch_fd(int fd, std::vector<Req>& reqs) {
+  constexpr bool is_write = kIsWrite(static_cast<Req*>(nullptr));
   thread_local Ring r;
-  if (!r.ok) {  // no io_uring (old kernel, seccomp): plain preads
-    int first_err = 0;
-    for (ReadRequest& q : reqs) {
+  int first_err = 0;
+  auto fail = [&](Req& q, int err) {
+    q.result = err;
+    if (!first_err) first_err = err;
+  };
+  if (!r.ok) {  // no io_uring (old kernel, seccomp)
+    for (Req& q : reqs) {
       size_t done = 0;
+      q.result = 0;
       while (done < q.len) {
-        ssize_t n = pread(fd, static_cast<char*>(q.buf) + done, q.len - done, static_cast<off_t>(q.off + done));
+        ssize_t n = sync_step(fd, q, done);
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (n < 0) {
-          q.result = -errno;
+          fail(q, -errno);
           break;
         }
-        if (n == 0) break;
+        if (n == 0) {
+          if (is_write) fail(q, -EIO);
+          break;
+        }
         done += static_cast<size_t>(n);
       }
-      if (q.result >= 0) q.result = static_cast<ssize_t>(done);
-      if (q.result < 0 && !first_err) first_err = static_cast<int>(q.result);
+      if (q.result >= 0) q.result = static_cast<decltype(q.result)>(done);
     }
     return first_err;
   }
-  // Each request's progress: bytes done so far; resubmitted until full, EOF
-  // or an error.
+  // Each request's progress: bytes done so far; resubmitted until full, end
+  // of file (reads) or an error.
   std::vector<size_t> done(reqs.size(), 0);
   std::vector<size_t> todo;
   for (size_t i = 0; i < reqs.size(); ++i) todo.push_back(i);
-  int first_err = 0;
   while (!todo.empty()) {
     std::vector<size_t> again;
     for (size_t start = 0; start < todo.size(); start += 64) {
       size_t end = std::min(todo.size(), start + 64);
       unsigned queued = 0;
       for (size_t k = start; k < end; ++k) {
-        ReadRequest& q = reqs[todo[k]];
         io_uring_sqe* sqe = io_uring_get_sqe(&r.ring);
         if (!sqe) break;
-        io_uring_prep_read(sqe, fd, static_cast<char*>(q.buf) + done[todo[k]],
-                           static_cast<unsigned>(q.len - done[todo[k]]), q.off + done[todo[k]]);
+        prep_step(sqe, fd, reqs[todo[k]], done[todo[k]]);
         io_uring_sqe_set_data64(sqe, todo[k]);  // per-request context in user_data
         ++queued;
       }
@@ -91,17 +123,18 @@ int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) {
         size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
         int res = cqe->res;
         io_uring_cqe_seen(&r.ring, cqe);
-        ReadRequest& q = reqs[i];
+        Req& q = reqs[i];
         if (res == -EAGAIN || res == -EINTR) {
           again.push_back(i);
         } else if (res < 0) {
-          q.result = res;
-          if (!first_err) first_err = res;
+          fail(q, res);
+        } else if (res == 0 && is_write) {
+          fail(q, -EIO);
         } else if (res == 0 || done[i] + static_cast<size_t>(res) >= q.len) {
           done[i] += static_cast<size_t>(res);
-          q.result = static_cast<ssize_t>(done[i]);  // full, or short at end of file
+          q.result = static_cast<decltype(q.result)>(done[i]);  // full, or short at end of file
         } else {
-          done[i] += static_cast<size_t>(res);  // short read: go on
+          done[i] += static_cast<size_t>(res);  // short transfer: go on
           again.push_back(i);
         }
       }
@@ -110,6 +143,30 @@ int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) {
   }
   return first_err;
 }
+
+}  // namespace
+
+int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) { return batch_fd(fd, reqs); }
+
+int write_batch_fd(int fd, std::vector<WriteRequest>& reqs) {
+  int rc = batch_fd(fd, reqs);
+  if (rc < 0) return rc;
+  for (const WriteRequest& q : reqs)
+    if (static_cast<size_t>(q.result) != q.len) return -EIO;
+  return 0;
+}
+
+int Source::write_batch(std::vector<WriteRequest>& reqs) {
+  for (WriteRequest& q : reqs) {
+    q.result = write(q.buf, q.len, q.off);
+    if (q.result < 0) return q.result;
+    q.result = static_cast<int64_t>(q.len);
+  }
+  return 0;
+}
+
+int FdSource::write_batch(std::vector<WriteRequest>& reqs) { return write_batch_fd(fd_, reqs); }
+int CloneSource::write_batch(std::vector<WriteRequest>& reqs) { return source_.write_batch(reqs); }
 
 int FdSource::read_batch(std::vector<ReadRequest>& reqs) { return read_batch_fd(fd_, reqs); }
 

@@ -35,6 +35,14 @@ struct ReadRequest {
   ssize_t result = 0;  // bytes read (short only at end of file) or -errno
 };
 
+// One write of a batch (Source::write_batch): all `len` bytes at `off`.
+struct WriteRequest {
+  const void* buf;
+  size_t len;
+  uint64_t off;
+  int64_t result = 0;  // bytes written (all of them) or -errno
+};
+
 class Source {
  public:
   virtual ~Source() = default;
@@ -50,6 +58,10 @@ class Source {
   virtual int64_t next_data_live(uint64_t off) { return next_data(off); }
   // pwrite of all `len` bytes: 0 or -errno.
   virtual int write(const void* buf, size_t len, uint64_t off) = 0;
+  // Writes every request, in any order and concurrently where the source can
+  // (io_uring for files): requests must not overlap. 0 or the first -errno.
+  // The default writes one after the other.
+  virtual int write_batch(std::vector<WriteRequest>& reqs);
   virtual int truncate(uint64_t size) = 0;
   // Makes [off, off+len) read as zeros without changing the size (punches a
   // hole, or writes zeros where the filesystem cannot punch). 0 or -errno.
@@ -86,6 +98,7 @@ class FdSource final : public Source {
   ssize_t read(void* buf, size_t len, uint64_t off) override;
   int read_batch(std::vector<ReadRequest>& reqs) override;
   int write(const void* buf, size_t len, uint64_t off) override;
+  int write_batch(std::vector<WriteRequest>& reqs) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
   int sync() override;
@@ -118,6 +131,7 @@ class CloneSource final : public Source {
   int read_batch_live(std::vector<ReadRequest>& reqs) override { return source_.read_batch(reqs); }
   int64_t next_data_live(uint64_t off) override { return source_.next_data(off); }
   int write(const void* buf, size_t len, uint64_t off) override;
+  int write_batch(std::vector<WriteRequest>& reqs) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
   int sync() override;
@@ -140,6 +154,8 @@ class CloneSource final : public Source {
 // to 64 reads; short reads and -EAGAIN resubmitted), falling back to pread
 // when io_uring is not available. Same contract as Source::read_batch.
 int read_batch_fd(int fd, std::vector<ReadRequest>& reqs);
+// The same for writes (Source::write_batch): all of every request, or -errno.
+int write_batch_fd(int fd, std::vector<WriteRequest>& reqs);
 
 // True if `dir_fd`'s filesystem can clone files (probes with two files).
 bool reflink_supported(int dir_fd);
