@@ -228,12 +228,12 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
     const std::vector<uint8_t>& known =
         !spilled && !job.forced && plan.known_changed.size() == pages.size() ? plan.known_changed : no_knowledge;
     auto known_changed = [&](size_t q) { return !known.empty() && known[q]; };
-    auto needs_source = [&](const Run& run) {
-      if (run.off >= plan.source_size) return false;
+    auto needs_compare = [&](const Run& run) {
       for (size_t q = run.i; q < run.j; ++q)
         if (!known_changed(q)) return true;
       return false;
     };
+    auto needs_source = [&](const Run& run) { return run.off < plan.source_size && needs_compare(run); };
     std::vector<Run> runs;
     for (size_t i = 0; i < pages.size();) {
       size_t j = i + 1;
@@ -250,7 +250,10 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
       uint64_t bytes = 0;
       while (we < runs.size() && we - w < kWindowRuns && (bytes == 0 || bytes + runs[we].len <= kWindowBytes))
         bytes += runs[we++].len;
-      window.assign(bytes, 0);
+      // The source's bytes (zeros past its end) for the runs to compare.
+      bool compare = false;
+      for (size_t k = w; k < we && !compare; ++k) compare = needs_compare(runs[k]);
+      if (compare) window.assign(bytes, 0);
       reads.clear();
       uint64_t at = 0;
       for (size_t k = w; k < we; ++k) {
@@ -266,7 +269,7 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
       at = 0;
       for (size_t k = w; k < we; ++k) {
         const Run& run = runs[k];
-        const char* old = window.data() + at;
+        const char* old = compare ? window.data() + at : nullptr;  // read only where compared
         at += run.len;
         const char* now = file.page_bytes(pages[run.i]);
         if (spilled) {
