@@ -110,8 +110,11 @@ JournalCheck check_journal(int dirfd, const std::string& name, std::string& why)
 // Replays a complete journal: for each file, zero ranges, writes, truncate
 // to the final size, fsync. Returns 0 or the first -errno (the journal stays
 // valid: a replay can be repeated). `files` counts the files replayed.
-// `bytes` counts the data bytes written.
+// `bytes` counts the data bytes written. `verify_sum` false skips reading
+// the whole journal once more to check its checksum (header, trailer and
+// length are still checked): only for the journal this process has just
+// written and fsynced itself.
 int replay_journal(int dirfd, const std::string& name, JournalTarget& target, uint64_t* files = nullptr,
-                   uint64_t* bytes = nullptr);
+                   uint64_t* bytes = nullptr, bool verify_sum = true);
 
 }  // namespace deferfs
