@@ -450,7 +450,10 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   if (n < 0) {
     fuse_reply_err(req, static_cast<int>(-n));
   } else {
-    static const std::vector<char> zeros(2u << 20, 0);  // holes and cut pages
+    // Holes and cut pages. Zero-initialized and not const, so in .bss: never
+    // written, its pages are the kernel's shared zero page (nothing to fill
+    // on the first read, nothing in the binary).
+    static char zeros[2u << 20];
     // Extents are runs of resident or zero pages, so few; a short array on
     // the stack covers the usual case.
     iovec small[16];
@@ -462,7 +465,7 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
     }
     for (size_t i = 0; i < extents.size(); ++i) {
       // Zero runs are at most one request long (<= max_read <= 2 MiB).
-      const char* from = extents[i].zeros ? zeros.data() : extents[i].data;
+      const char* from = extents[i].zeros ? zeros : extents[i].data;
       iov[i] = iovec{const_cast<char*>(from), static_cast<size_t>(extents[i].len)};
     }
     fuse_reply_iov(req, iov, static_cast<int>(extents.size()));
