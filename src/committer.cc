@@ -57,9 +57,6 @@ class Committer::LiveTarget : public JournalTarget {
     const bool ascending = batch_.empty() || off >= batch_.back().off + batch_.back().len;
     if (!ascending || bytes_.size() + len > kWriteBatchBytes || batch_.size() >= kWriteBatchCount)
       if (int rc = flush(); rc < 0) return rc;
-    if (len > kWriteBatchBytes)  // larger than a batch: on its own
-      return change([&] { return cur_->target->file->source().write(data, len, off); });
-    offsets_.push_back(bytes_.size());
     bytes_.insert(bytes_.end(), data, data + len);
     batch_.push_back({nullptr, static_cast<size_t>(len), off});
     return 0;
@@ -91,10 +88,14 @@ class Committer::LiveTarget : public JournalTarget {
   // Writes the gathered page writes as one batch.
   int flush() {
     if (batch_.empty()) return 0;
-    for (size_t i = 0; i < batch_.size(); ++i) batch_[i].buf = bytes_.data() + offsets_[i];
+    // The bytes of the writes lie in bytes_ one after the other, in order.
+    size_t at = 0;
+    for (WriteRequest& w : batch_) {
+      w.buf = bytes_.data() + at;
+      at += w.len;
+    }
     int rc = change([&] { return cur_->target->file->source().write_batch(batch_); });
     batch_.clear();
-    offsets_.clear();
     bytes_.clear();
     return rc;
   }
@@ -116,8 +117,7 @@ class Committer::LiveTarget : public JournalTarget {
   std::vector<Job*> jobs_;
   Job* cur_ = nullptr;
   std::vector<WriteRequest> batch_;  // gathered writes of cur_; buf set at flush
-  std::vector<size_t> offsets_;      // where each one's bytes are in bytes_
-  std::vector<char> bytes_;
+  std::vector<char> bytes_;          // their bytes, one after the other
 };
 
 Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)

@@ -25,9 +25,10 @@ namespace {
 // The source's hidden state directory: never shown through the mount.
 constexpr const char* kHiddenDir = ".deferfs";
 constexpr double kTimeout = 1.0;  // entry cache, and attributes of non-regular files, seconds
-// Regular files: the size can change behind the kernel (discard, a new
-// snapshot, a restore), and the kernel trusts a cached size for reads and
-// writes without asking: no attribute caching for them.
+// Regular files: no attribute caching, so stat and the permission check
+// always ask. The kernel still trusts its cached size for reads inside it
+// without asking: where the daemon shrinks a file behind it (discard, a new
+// snapshot) it pushes the new size itself (Daemon::refresh_kernel_view).
 constexpr double kFileAttrTimeout = 0.0;
 double attr_timeout(const struct stat& st) { return S_ISREG(st.st_mode) ? kFileAttrTimeout : kTimeout; }
 
@@ -441,11 +442,11 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   Daemon& d = daemon_of(req);
   const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
   // Replied straight from the segment's memory: one copy, by the kernel,
-  // into the reply (libfuse's fd path would pread into a fresh buffer and
-  // copy twice; it splices only when asked and never below 8 KiB). The file
-  // stays pinned until the reply is sent, so eviction cannot free those pages
-  // meanwhile.
-  std::vector<File::Extent> extents;
+  // into the reply (libfuse 3.14's fd path, measured here, preads into a
+  // fresh buffer and copies twice). The file stays pinned until the reply is
+  // sent, so eviction cannot free those pages meanwhile.
+  thread_local std::vector<File::Extent> extents;  // reused: no allocation per read
+  extents.clear();
   ssize_t n = file->read_pinned(static_cast<uint64_t>(off), size, extents);
   if (n < 0) {
     fuse_reply_err(req, static_cast<int>(-n));

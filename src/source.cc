@@ -40,10 +40,6 @@ struct Ring {
   }
 };
 
-}  // namespace
-
-namespace {
-
 // One pread or pwrite step of a batch request when there is no io_uring:
 // bytes moved, 0 at end of file (reads), or -errno.
 ssize_t sync_step(int fd, ReadRequest& q, size_t done) {
@@ -64,6 +60,25 @@ void prep_step(io_uring_sqe* sqe, int fd, WriteRequest& q, size_t done) {
 constexpr bool kIsWrite(const ReadRequest*) { return false; }
 constexpr bool kIsWrite(const WriteRequest*) { return true; }
 
+// The whole request with plain pread/pwrite, retried on EINTR/EAGAIN and
+// short transfers: bytes moved (a read is short only at end of file) or
+// -errno (-EIO for a write that makes no progress).
+template <typename Req>
+ssize_t transfer_all(int fd, Req& q) {
+  size_t done = 0;
+  while (done < q.len) {
+    ssize_t n = sync_step(fd, q, done);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n < 0) return -errno;
+    if (n == 0) {
+      if (kIsWrite(&q)) return -EIO;
+      break;  // end of file
+    }
+    done += static_cast<size_t>(n);
+  }
+  return static_cast<ssize_t>(done);
+}
+
 // Runs every request of a batch on `fd`: io_uring, one submission per
 // window of up to 64 requests, short transfers and -EAGAIN resubmitted;
 // plain pread/pwrite when io_uring is not available. Returns 0 or the first
@@ -79,22 +94,9 @@ int batch_fd(int fd, std::vector<Req>& reqs) {
   };
   if (!r.ok) {  // no io_uring (old kernel, seccomp)
     for (Req& q : reqs) {
-      size_t done = 0;
-      q.result = 0;
-      while (done < q.len) {
-        ssize_t n = sync_step(fd, q, done);
-        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (n < 0) {
-          fail(q, -errno);
-          break;
-        }
-        if (n == 0) {
-          if (is_write) fail(q, -EIO);
-          break;
-        }
-        done += static_cast<size_t>(n);
-      }
-      if (q.result >= 0) q.result = static_cast<decltype(q.result)>(done);
+      const ssize_t n = transfer_all(fd, q);
+      if (n < 0) fail(q, static_cast<int>(n));
+      else q.result = n;
     }
     return first_err;
   }
@@ -175,32 +177,14 @@ FdSource::FdSource(int fd, bool writable) : fd_(fd), writable_(writable) {}
 FdSource::~FdSource() { close(fd_); }
 
 ssize_t FdSource::read(void* buf, size_t len, uint64_t off) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = pread(fd_, static_cast<char*>(buf) + done, len - done, static_cast<off_t>(off + done));
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      return -errno;
-    }
-    if (n == 0) break;  // end of file
-    done += static_cast<size_t>(n);
-  }
-  return static_cast<ssize_t>(done);
+  ReadRequest q{buf, len, off};
+  return transfer_all(fd_, q);
 }
 
 int FdSource::write(const void* buf, size_t len, uint64_t off) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = pwrite(fd_, static_cast<const char*>(buf) + done, len - done,
-                       static_cast<off_t>(off + done));
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      return -errno;
-    }
-    if (n == 0) return -EIO;
-    done += static_cast<size_t>(n);
-  }
-  return 0;
+  WriteRequest q{buf, len, off};
+  const ssize_t n = transfer_all(fd_, q);
+  return n < 0 ? static_cast<int>(n) : 0;
 }
 
 int FdSource::truncate(uint64_t size) {
