@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <unordered_set>
 
 #include "deferfs/fuse_ops.h"
 #include "deferfs/log.h"
@@ -411,6 +412,8 @@ int Daemon::commit_one(Inode& inode) {
   if (!file) return 0;
   std::string path = rel_path(inode);
   SyncReport r = committer_.commit({{file, path}}, false);
+  // stat now shows the source's times (attributes only: safe in a request).
+  invalidate_attributes(inode);
   if (!r.conflicts.empty()) return -EIO;
   // The matching errno for the client (spec 8.3): ENOSPC stays ENOSPC.
   if (!r.failed.empty()) return -(r.failed.front().code ? r.failed.front().code : EIO);
@@ -526,16 +529,27 @@ std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths,
 }
 
 SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const Progress& progress) {
-  SyncReport r = committer_.commit(targets(paths, true), force, progress);
-  // Files whose base changed under the kernel's cache (committed over an
-  // outside change, or re-snapshotted): drop its pages before returning.
+  std::vector<CommitTarget> committed = targets(paths, true);
+  std::unordered_set<const File*> touched;
+  for (const CommitTarget& t : committed) touched.insert(t.file.get());
+  SyncReport r = committer_.commit(committed, force, progress);
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
       std::lock_guard lk(inode->m);
       file = inode->file;
     }
-    if (file && file->take_stale_kernel_cache()) refresh_kernel_view(*inode);
+    if (!file) continue;
+    if (file->take_stale_kernel_cache()) {
+      // Its base changed under the kernel's cache (committed over an outside
+      // change, or re-snapshotted): drop its pages before returning.
+      refresh_kernel_view(*inode);
+    } else if (touched.count(file.get())) {
+      // Committed: stat now shows the source's own times, which the kernel
+      // may hold cached from the staged view (regular files' attributes are
+      // cached for a second).
+      invalidate_attributes(*inode);
+    }
   }
   for (const auto& inode : inodes_.with_files()) inodes_.prune(*inode);
   return r;

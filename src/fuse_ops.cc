@@ -25,11 +25,16 @@ namespace {
 // The source's hidden state directory: never shown through the mount.
 constexpr const char* kHiddenDir = ".deferfs";
 constexpr double kTimeout = 1.0;  // entry cache, and attributes of non-regular files, seconds
-// Regular files: no attribute caching, so stat and the permission check
-// always ask. The kernel still trusts its cached size for reads inside it
-// without asking: where the daemon shrinks a file behind it (discard, a new
-// snapshot) it pushes the new size itself (Daemon::refresh_kernel_view).
-constexpr double kFileAttrTimeout = 0.0;
+// Regular files' attributes are cached for a second too, as passthrough_hp
+// and most FUSE filesystems do: without it every open makes an extra
+// GETATTR round trip for the permission check. Where the daemon changes what
+// stat shows behind the kernel it says so at once: a new snapshot at open
+// (open_regular), discard (Daemon::refresh_kernel_view, which also pushes a
+// smaller size: the kernel trusts its cached size for reads inside it), and
+// sync (Daemon::sync). Writes and truncates through the mount update the
+// kernel's view themselves. A change made to the source from outside shows
+// in stat within a second, and in the data at the next open (spec 5.2).
+constexpr double kFileAttrTimeout = 1.0;
 double attr_timeout(const struct stat& st) { return S_ISREG(st.st_mode) ? kFileAttrTimeout : kTimeout; }
 
 Daemon& daemon_of(fuse_req_t req) { return *static_cast<Daemon*>(fuse_req_userdata(req)); }

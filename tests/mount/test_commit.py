@@ -76,6 +76,21 @@ def test_fsync_of_new_file_commits_it(mnt):
 
 # ------------------------------------------------------------------ unmount
 
+def test_sync_shows_the_source_times_at_once(src_file, mount_factory):
+    """Regular files' attributes are cached for a second; a sync changes what
+    stat shows (the source's own times replace the staged ones), so the daemon
+    invalidates them: stat right after the sync agrees with the source."""
+    m = mount_factory()
+    stage_page(m, 7)
+    time.sleep(0.05)  # the commit's mtime differs from the staged one
+    staged = os.stat(m.m("f.bin"))  # cached by the kernel from here
+    m.sync()
+    after, src = os.stat(m.m("f.bin")), os.stat(m.s("f.bin"))
+    assert src.st_mtime_ns != staged.st_mtime_ns
+    assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == \
+        (src.st_mtime_ns, src.st_ctime_ns, src.st_size)
+
+
 def test_deferfs_umount_syncs_then_unmounts(src_file, mount_factory):
     m = mount_factory()
     new = stage_page(m, 9)
