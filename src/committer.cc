@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <shared_mutex>
@@ -18,6 +19,20 @@ constexpr uint64_t kBatchBytes = uint64_t{1} << 20;  // compare/write in 1 MiB r
 // Resident clean pages rechecked against the source after a commit (64 MiB
 // of 4 KiB pages); beyond that the check is skipped (see LIMITS).
 constexpr uint64_t kRecheckPages = 16384;
+
+// Milliseconds between the phases of one sync, for its log line.
+class PhaseClock {
+ public:
+  double lap() {
+    const auto now = std::chrono::steady_clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - last_).count();
+    last_ = now;
+    return ms;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
 }
 
 struct Committer::Job {
@@ -35,9 +50,11 @@ struct Committer::Job {
 // io_gate), and takes its identity anew after each change.
 //
 // Page writes are gathered into batches (ascending, non-overlapping, up to
-// kWriteBatchBytes) written together with io_uring; the check and the new
-// identity then frame the whole batch. Every other step flushes the batch
-// first, so the journal's order holds between kinds of steps.
+// kWriteBatchBytes) written by one Source::write_batch, straight from the
+// replay's window of the journal (no copy); the check and the new identity
+// then frame the whole batch. Every other step, and the window moving on
+// (release), flushes the batch first, so the journal's order holds between
+// kinds of steps.
 class Committer::LiveTarget : public JournalTarget {
  public:
   explicit LiveTarget(std::vector<Job*> jobs) : jobs_(std::move(jobs)) {}
@@ -53,14 +70,15 @@ class Committer::LiveTarget : public JournalTarget {
     return change([&] { return cur_->target->file->source().zero(off, len); });
   }
   int write(uint64_t off, const char* data, uint64_t len) override {
-    // The journal's data is only valid during this call: copied.
+    // The data stays in the replay's window until release(): gathered as is.
     const bool ascending = batch_.empty() || off >= batch_.back().off + batch_.back().len;
-    if (!ascending || bytes_.size() + len > kWriteBatchBytes || batch_.size() >= kWriteBatchCount)
+    if (!ascending || batch_bytes_ + len > kWriteBatchBytes || batch_.size() >= kWriteBatchCount)
       if (int rc = flush(); rc < 0) return rc;
-    bytes_.insert(bytes_.end(), data, data + len);
-    batch_.push_back({nullptr, static_cast<size_t>(len), off});
+    batch_.push_back({data, static_cast<size_t>(len), off});
+    batch_bytes_ += len;
     return 0;
   }
+  int release() override { return flush(); }
   int finish(uint64_t final_size, const struct timespec* mtime) override {
     if (int rc = flush(); rc < 0) return rc;
     Source& src = cur_->target->file->source();
@@ -68,7 +86,9 @@ class Committer::LiveTarget : public JournalTarget {
       if (int rc = change([&] { return src.truncate(final_size); }); rc < 0) return rc;
     if (mtime)
       if (int rc = change([&] { return src.set_mtime(*mtime); }); rc < 0) return rc;
+    PhaseClock fsync_clock;
     if (int rc = src.sync(); rc < 0) return rc;
+    sync_ms += fsync_clock.lap();
     if (unchanged() == -ESTALE && (outside_seen.empty() || outside_seen.back() != cur_))
       outside_seen.push_back(cur_);
     return 0;
@@ -78,6 +98,8 @@ class Committer::LiveTarget : public JournalTarget {
   // applied: the replay went on (the journal decides), they get a new
   // snapshot afterwards.
   std::vector<Job*> outside_seen;
+  double sync_ms = 0;  // spent in the files' fsyncs
+  double write_ms = 0;
 
  private:
   int unchanged() {
@@ -88,15 +110,11 @@ class Committer::LiveTarget : public JournalTarget {
   // Writes the gathered page writes as one batch.
   int flush() {
     if (batch_.empty()) return 0;
-    // The bytes of the writes lie in bytes_ one after the other, in order.
-    size_t at = 0;
-    for (WriteRequest& w : batch_) {
-      w.buf = bytes_.data() + at;
-      at += w.len;
-    }
+    PhaseClock c;
     int rc = change([&] { return cur_->target->file->source().write_batch(batch_); });
+    write_ms += c.lap();
     batch_.clear();
-    bytes_.clear();
+    batch_bytes_ = 0;
     return rc;
   }
   template <typename F>
@@ -116,8 +134,8 @@ class Committer::LiveTarget : public JournalTarget {
   static constexpr size_t kWriteBatchCount = 1024;
   std::vector<Job*> jobs_;
   Job* cur_ = nullptr;
-  std::vector<WriteRequest> batch_;  // gathered writes of cur_; buf set at flush
-  std::vector<char> bytes_;          // their bytes, one after the other
+  std::vector<WriteRequest> batch_;  // gathered writes of cur_, pointing into the replay's window
+  uint64_t batch_bytes_ = 0;
 };
 
 Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)
@@ -316,6 +334,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
                              const Progress& progress) {
   SyncReport report;
   std::lock_guard serial(sync_mutex_);
+  PhaseClock clock;
 
   // A journal left by a sync whose replay failed: finish it first, so this
   // sync compares against the source as that one decided it.
@@ -390,6 +409,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
     return report;
   }
 
+  const double plan_ms = clock.lap();
   // 1. Compare and journal.
   JournalWriter journal(journal_dir_fd_, kJournalName);
   uint64_t done = 0;
@@ -408,12 +428,14 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
       return report;
     }
   }
+  const double journal_ms = clock.lap();
   // 2. Decide.
   if (int rc = journal.commit(); rc < 0) {
     fail_code = -rc;
     end_all(false, std::string(std::strerror(-rc)) + " (writing the sync journal)", nullptr, false);
     return report;
   }
+  const double decide_ms = clock.lap();
   // 3. Apply in place, then retire the journal.
   std::vector<Job*> live;
   for (auto& job : jobs) live.push_back(job.get());
@@ -434,8 +456,13 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
             target.failed(), false);
     return report;
   }
+  const double apply_ms = clock.lap();
   journal.retire();
   end_all(true, "", nullptr, false);
+  log_debug("sync of %zu files, %llu bytes of journal: plan %.1f ms, journal %.1f ms, its fsync %.1f ms, "
+            "apply %.1f ms (of which fsync %.1f ms, writes %.1f ms), retire %.1f ms",
+            jobs.size(), static_cast<unsigned long long>(journal.bytes()), plan_ms, journal_ms, decide_ms,
+            apply_ms, target.sync_ms, target.write_ms, clock.lap());
   // Guard: an outside change seen while the decided sync was applied, or
   // one that slipped between a write of ours and the fstat after it (then
   // only the resident pages can tell): the file takes a new snapshot, so

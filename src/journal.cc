@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <functional>
 
 namespace deferfs {
 
@@ -47,32 +48,34 @@ int read_all(int fd, char* p, size_t n, uint64_t off) {
   return 0;
 }
 
-// Sequential reader of the journal body with bounds checks, buffered: the
-// records are small and many (one per changed page run).
+// Sequential reader of the journal body with bounds checks. It reads a
+// window of the file at a time (one pread for many small records) and hands
+// out data in place: a pointer from view() stays valid until the window
+// moves on, and before it moves the reader calls `on_move` (replay then lets
+// its target write out what it still holds of the old window).
 class Reader {
  public:
-  Reader(int fd, uint64_t end) : fd_(fd), end_(end), buf_(kBufBytes) {}
-  int get(void* out, uint64_t n) {
-    if (n > end_ - pos_) return -EINVAL;
-    char* dst = static_cast<char*>(out);
-    while (n) {
-      if (pos_ < buf_off_ || pos_ >= buf_off_ + buf_len_) {
-        if (n >= buf_.size()) {  // large data: straight into the caller's buffer
-          int rc = read_all(fd_, dst, n, pos_);
-          pos_ += n;
-          return rc;
-        }
-        size_t want = static_cast<size_t>(std::min<uint64_t>(buf_.size(), end_ - pos_));
-        if (int rc = read_all(fd_, buf_.data(), want, pos_); rc < 0) return rc;
-        buf_off_ = pos_;
-        buf_len_ = want;
-      }
-      size_t k = static_cast<size_t>(std::min<uint64_t>(n, buf_off_ + buf_len_ - pos_));
-      std::memcpy(dst, buf_.data() + (pos_ - buf_off_), k);
-      dst += k;
-      pos_ += k;
-      n -= k;
+  Reader(int fd, uint64_t end, std::function<int()> on_move)
+      : fd_(fd), end_(end), buf_(kWindowBytes), on_move_(std::move(on_move)) {}
+  // The next `n` bytes (n <= kWindowBytes), in place.
+  int view(uint64_t n, const char** out) {
+    if (n > end_ - pos_ || n > buf_.size()) return -EINVAL;
+    if (pos_ < buf_off_ || pos_ + n > buf_off_ + buf_len_) {
+      if (int rc = on_move_(); rc < 0) return rc;
+      const size_t want = static_cast<size_t>(std::min<uint64_t>(buf_.size(), end_ - pos_));
+      if (int rc = read_all(fd_, buf_.data(), want, pos_); rc < 0) return rc;
+      buf_off_ = pos_;
+      buf_len_ = want;
     }
+    *out = buf_.data() + (pos_ - buf_off_);
+    pos_ += n;
+    return 0;
+  }
+  // The next `n` bytes, copied out (small fields).
+  int get(void* out, uint64_t n) {
+    const char* p = nullptr;
+    if (int rc = view(n, &p); rc < 0) return rc;
+    std::memcpy(out, p, n);
     return 0;
   }
   uint64_t pos() const { return pos_; }
@@ -80,12 +83,16 @@ class Reader {
   void seek(uint64_t p) { pos_ = p; }
 
  private:
+  // A window holds many records: sixteen 1 MiB writes, or 4 KiB pages
+  // coming with their headers.
+  static constexpr size_t kWindowBytes = size_t{16} << 20;
   int fd_;
   uint64_t end_;
   uint64_t pos_ = kHeaderBytes;
   std::vector<char> buf_;
   uint64_t buf_off_ = 0;
   uint64_t buf_len_ = 0;
+  std::function<int()> on_move_;
 };
 
 }  // namespace
@@ -121,6 +128,16 @@ void JournalWriter::flush() {
   err_ = write_all(fd_, buf_.data(), buf_.size(), file_off_);
   file_off_ += buf_.size();
   buf_.clear();
+  start_writeback();
+}
+
+// The disk starts on what is written while the rest is being produced, so
+// commit()'s fsync waits only for the tail. A hint: errors are left to fsync.
+void JournalWriter::start_writeback() {
+  if (file_off_ - writeback_off_ < kWritebackStep) return;
+  (void)sync_file_range(fd_, static_cast<off_t>(writeback_off_), static_cast<off_t>(file_off_ - writeback_off_),
+                        SYNC_FILE_RANGE_WRITE);
+  writeback_off_ = file_off_;
 }
 
 void JournalWriter::put(const void* p, size_t n) {
@@ -132,6 +149,7 @@ void JournalWriter::put(const void* p, size_t n) {
   if (n >= kBufBytes) {  // large data goes straight to the file
     if (!err_) err_ = write_all(fd_, c, n, file_off_);
     file_off_ += n;
+    start_writeback();
     return;
   }
   buf_.insert(buf_.end(), c, c + n);
@@ -289,14 +307,13 @@ int replay_journal(int dirfd, const std::string& name, JournalTarget& target, ui
   uint64_t end;
   int jfd = open_complete(dirfd, name, &end, why, verify_sum);
   if (jfd < 0) return jfd;
-  Reader r(jfd, end);
+  Reader r(jfd, end, [&target] { return target.release(); });
   int rc = 0;
   bool skipping = true;  // until an 'F' record selects a file
   uint64_t final_size = 0;
   bool has_mtime = false;
   struct timespec mtime = {};
   std::string path;
-  std::vector<char> buf;
   if (files) *files = 0;
   if (bytes) *bytes = 0;
   while (rc == 0 && r.left() > 0) {
@@ -334,8 +351,8 @@ int replay_journal(int dirfd, const std::string& name, JournalTarget& target, ui
         }
         for (uint64_t done = 0; done < len && rc == 0;) {
           size_t n = static_cast<size_t>(std::min<uint64_t>(kBufBytes, len - done));
-          buf.resize(n);
-          if ((rc = r.get(buf.data(), n)) == 0) rc = target.write(off + done, buf.data(), n);
+          const char* data = nullptr;
+          if ((rc = r.view(n, &data)) == 0) rc = target.write(off + done, data, n);
           if (rc == 0 && bytes) *bytes += n;
           done += n;
         }
@@ -362,6 +379,7 @@ int replay_journal(int dirfd, const std::string& name, JournalTarget& target, ui
         rc = -EINVAL;
     }
   }
+  if (rc == 0) rc = target.release();
   close(jfd);
   return rc;
 }

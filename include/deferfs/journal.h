@@ -57,6 +57,8 @@ class JournalWriter {
  private:
   void put(const void* p, size_t n);
   void flush();
+  void start_writeback();
+  static constexpr uint64_t kWritebackStep = uint64_t{8} << 20;
 
   const int dirfd_;
   const std::string name_;
@@ -65,6 +67,7 @@ class JournalWriter {
   bool committed_ = false;
   std::vector<char> buf_;
   uint64_t file_off_ = 0;   // where buf_ goes in the file
+  uint64_t writeback_off_ = 0;  // the disk was asked to write up to here
   uint64_t body_len_ = 0;
   struct Hasher;
   std::unique_ptr<Hasher> hash_;
@@ -78,7 +81,12 @@ struct JournalTarget {
   // is gone, or the name is another file now), 0 = go, -errno = stop.
   virtual int open(const std::string& path, dev_t dev, ino_t ino) = 0;
   virtual int zero(uint64_t off, uint64_t len) = 0;
+  // `data` lies in the replay's window of the journal and stays valid until
+  // the next release(): a target may gather writes and do them together.
   virtual int write(uint64_t off, const char* data, uint64_t len) = 0;
+  // The window moves on (or the replay ends): write out every write still
+  // held. Default: nothing is held.
+  virtual int release() { return 0; }
   // The record ended: make the size `final_size`, set the mtime if one was
   // journaled, and fsync.
   virtual int finish(uint64_t final_size, const struct timespec* mtime) = 0;

@@ -58,9 +58,9 @@ class Source {
   virtual int64_t next_data_live(uint64_t off) { return next_data(off); }
   // pwrite of all `len` bytes: 0 or -errno.
   virtual int write(const void* buf, size_t len, uint64_t off) = 0;
-  // Writes every request, in any order and concurrently where the source can
-  // (io_uring for files): requests must not overlap. 0 or the first -errno.
-  // The default writes one after the other.
+  // Writes every request (requests must not overlap), one after the other:
+  // 0 or the first -errno, also left in the failing request's result. One
+  // call, so that a commit can check the source once around many writes.
   virtual int write_batch(std::vector<WriteRequest>& reqs);
   virtual int truncate(uint64_t size) = 0;
   // Makes [off, off+len) read as zeros without changing the size (punches a
@@ -154,7 +154,8 @@ class CloneSource final : public Source {
 // to 64 reads; short reads and -EAGAIN resubmitted), falling back to pread
 // when io_uring is not available. Same contract as Source::read_batch.
 int read_batch_fd(int fd, std::vector<ReadRequest>& reqs);
-// The same for writes (Source::write_batch): all of every request, or -errno.
+// Writes a batch to `fd` with pwrite (see source.cc for why not io_uring):
+// all of every request, or -errno.
 int write_batch_fd(int fd, std::vector<WriteRequest>& reqs);
 
 // True if `dir_fd`'s filesystem can clone files (probes with two files).

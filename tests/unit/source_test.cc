@@ -55,7 +55,7 @@ TEST(SourceBatch, ScatteredWritesLandWhereAskedAndReadBack) {
     p += 3;
   }
   for (size_t i = 0; i < writes.size(); ++i) writes[i].buf = data[i].data();
-  ASSERT_GT(writes.size(), 64u) << "more than one io_uring window";
+  ASSERT_GT(writes.size(), 64u) << "more than one io_uring window of the reads below";
   ASSERT_EQ(src.write_batch(writes), 0);
   for (const WriteRequest& w : writes) EXPECT_EQ(w.result, static_cast<int64_t>(w.len));
 
