@@ -132,6 +132,8 @@ PageEntry* File::set_page_state(uint64_t page, PageState to) {
   const PageState from = map_.state(page);
   PageEntry* e = map_.set_state(page, to);
   if (from == to) return e;
+  if (e && !(from == PageState::Dirty && to == PageState::Writeback))  // nullptr: now Absent
+    e->flags &= static_cast<uint8_t>(~PageEntry::kDiffers);
   const int64_t ps = static_cast<int64_t>(page_size_);
   auto gauge = [&](PageState s, int64_t sign) {
     if (s == PageState::Clean)
@@ -215,7 +217,6 @@ const char* File::page_bytes(uint64_t page) const { return segment_->data() + pa
 
 bool File::page_is_zero(uint64_t page) const { return all_zero(page_bytes(page), page_size_); }
 
-uint64_t File::page_hash(uint64_t page) const { return hash32(page_bytes(page), page_size_); }
 
 void File::punch_locked(uint64_t off, uint64_t len) {
   if (pins_ == 0) {
@@ -667,6 +668,15 @@ void File::copy_out_locked(uint64_t off, size_t len, char* out) {
 
 // ---------------------------------------------------------------- writing
 
+bool File::note_differs(uint64_t page, PageEntry* e) {
+  const bool differs = e->has_base_hash && hash32(page_bytes(page), page_size_) != e->base_hash;
+  if (differs)
+    e->flags |= PageEntry::kDiffers;
+  else
+    e->flags &= static_cast<uint8_t>(~PageEntry::kDiffers);
+  return differs;
+}
+
 void File::dirty_clean_page(uint64_t page) {
   uint32_t h = hash32(page_bytes(page), page_size_);
   PageEntry* e = set_page_state(page, PageState::Dirty);
@@ -718,7 +728,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
       PageEntry* e = set_page_state(p, PageState::Dirty);
       e->flags |= PageEntry::kReferenced;
       std::memcpy(dst, src, b - a);
-      if (!e->has_base_hash || hash32(seg + p * ps, ps) == e->base_hash) candidates.push_back(p);
+      if (!note_differs(p, e)) candidates.push_back(p);
       continue;
     }
     if (is_resident(st)) {
@@ -733,7 +743,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
       std::memcpy(dst, src, b - a);
       PageEntry* e = map_.find(p);
       e->flags = static_cast<uint8_t>((e->flags | PageEntry::kReferenced) & ~PageEntry::kSpilling);
-      if (!e->has_base_hash || hash32(seg + p * ps, ps) == e->base_hash) candidates.push_back(p);
+      if (!note_differs(p, e)) candidates.push_back(p);
       continue;
     }
     // Hole, or Absent: zeros above the cut; below the cut only a full-page
@@ -752,7 +762,10 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
     if (st == PageState::Hole || p * ps >= base_size_) {
       e->has_base_hash = true;  // the base is zeros
       e->base_hash = zero_hash;
-      if (all_zero(seg + p * ps, ps)) candidates.push_back(p);
+      if (all_zero(seg + p * ps, ps))
+        candidates.push_back(p);
+      else
+        e->flags |= PageEntry::kDiffers;
     } else {
       e->has_base_hash = false;  // base unknown until compared with the source
       candidates.push_back(p);
@@ -803,6 +816,7 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
     } else {
       e->has_base_hash = true;
       e->base_hash = hash32(b, ps);
+      e->flags |= PageEntry::kDiffers;  // just compared, under the lock
     }
   }
 }
@@ -835,7 +849,7 @@ int File::truncate(uint64_t new_size) {
         dirty_clean_page(pp);
       else if (st == PageState::Writeback)
         set_page_state(pp, PageState::Dirty);
-      map_.find(pp)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
+      map_.find(pp)->flags &= static_cast<uint8_t>(~(PageEntry::kSpilling | PageEntry::kDiffers));
       std::memset(tail, 0, tail_len);
     }
   }
@@ -871,7 +885,7 @@ CommitPlan File::begin_commit() {
   for (size_t i = 0; i < plan.pages.size(); ++i) {
     const uint64_t p = plan.pages[i];
     PageEntry* e = set_page_state(p, PageState::Writeback);
-    plan.known_changed[i] = e->has_base_hash && page_hash(p) != e->base_hash ? 1 : 0;
+    plan.known_changed[i] = e->flags & PageEntry::kDiffers ? 1 : 0;
   }
   plan.spilled = map_.collect(0, div_up(size_, ps),
                               [](const PageEntry& e) { return e.state == PageState::Spilled; });
@@ -976,7 +990,10 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
     // Committed, or maybe partly (a failed sync may have applied some pages):
     // the source holds whatever the commit wrote, not the snapshot's bytes,
     // so a staged page's base is unknown until compared again.
-    if (e->state == PageState::Dirty) e->has_base_hash = false;
+    if (e->state == PageState::Dirty) {
+      e->has_base_hash = false;
+      e->flags &= static_cast<uint8_t>(~PageEntry::kDiffers);
+    }
   }
   for (uint64_t p : plan.spilled) {
     PageEntry* e = map_.find(p);

@@ -293,6 +293,10 @@ class File : public std::enable_shared_from_this<File> {
   uint64_t implicit_zero_pages_locked() const;
   // Marks a Clean page Dirty, remembering the hash of its base bytes.
   void dirty_clean_page(uint64_t page);
+  // After a write changed `page` (Dirty): records whether its bytes now
+  // differ from the base (kDiffers), by its hash where the base's is known.
+  // True when they differ; false when they may equal it (a candidate).
+  bool note_differs(uint64_t page, PageEntry* e);
   // Pages a write made Dirty whose bytes may equal the base again: compare
   // against the source (lock dropped for the read) and make equal ones Clean.
   void settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
@@ -307,7 +311,6 @@ class File : public std::enable_shared_from_this<File> {
   int ensure_spill_file_locked();
   // Mirrors the header fields into the persisted metadata (no-op without it).
   void persist_header_locked();
-  uint64_t page_hash(uint64_t page) const;
   void drop_page(uint64_t page);  // to Absent, punching its memory
   // Punches [off, off+len) of the segment, or defers it while replies are
   // pinned; the deferred punch later frees only pages that are not resident

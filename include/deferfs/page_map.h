@@ -29,6 +29,13 @@ struct PageEntry {
   static constexpr uint8_t kFromSpill = 2;    // Loading: the bytes come from the spill file
   static constexpr uint8_t kSpilling = 4;     // Dirty: being copied to the spill file; a write clears it
   static constexpr uint8_t kCommitting = 8;   // Spilled: a sync is committing it; leaving Spilled clears it
+  // Dirty/Writeback: the page's bytes are known to differ from the base's
+  // (their hash differs from base_hash, or a byte compare said so) since
+  // they last changed. Set only where that is seen (File::write,
+  // settle_candidates); cleared by every change of state but Dirty ->
+  // Writeback, and wherever bytes change unseen. A sync journals such a page
+  // without reading the source to compare it.
+  static constexpr uint8_t kDiffers = 16;
 
   PageState state = PageState::Absent;
   // True when base_hash holds the low 32 bits of xxh3-64 of the snapshot's
