@@ -1,6 +1,6 @@
-// FdSource's batched I/O on a real file: io_uring reads and writes in
-// windows of 64, scattered, more than one window, checked byte for byte
-// against plain pread/pwrite.
+// FdSource's batched I/O on a real file: scattered writes (pwrite, one
+// call) and io_uring reads in windows of 64, more than one window, checked
+// byte for byte against plain pread.
 #include "deferfs/source.h"
 
 #include <fcntl.h>
