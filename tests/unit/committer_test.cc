@@ -290,6 +290,29 @@ TEST_F(CommitterTest, PagesKnownToDifferAreNotReadAgainAtSync) {
   EXPECT_EQ(fake->content(), want);
 }
 
+// A truncate changes a page's bytes without comparing them: what a write
+// knew of the page (that it differs from the snapshot) no longer holds, and
+// the sync compares the page again. Here the cut makes the page equal to
+// its snapshot bytes again: skipped, nothing written.
+TEST_F(CommitterTest, APageATruncateMadeEqualAgainIsComparedAndSkipped) {
+  std::vector<char> content = pattern_bytes(0, 3 * kPage);
+  std::memset(content.data() + 2 * kPage, 'z', 100);
+  std::memset(content.data() + 2 * kPage + 100, 0, kPage - 100);
+  auto fw = make_file(std::make_unique<FakeSource>(content), counters, "dir/f");
+  fake = fw.fake;
+  file = fw.file;
+  dirty_page(2, 'z');                           // known to differ: the tail differs
+  ASSERT_EQ(file->truncate(2 * kPage + 100), 0);  // the tail reads as zeros: the snapshot's bytes
+  ASSERT_EQ(file->truncate(3 * kPage), 0);        // and the size the snapshot's
+  fake->reset_stats();
+  SyncReport r = sync();
+  EXPECT_TRUE(r.ok());
+  EXPECT_EQ(r.pages_written, 0u);
+  EXPECT_EQ(r.pages_skipped, 1u);
+  EXPECT_EQ(fake->stats().writes, 0u);
+  EXPECT_EQ(fake->content(), content);
+}
+
 // The error strikes after one page reached the source: still nothing lost,
 // and the retry ends with the exact content (the page already there is
 // found equal and skipped).
