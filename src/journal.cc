@@ -16,7 +16,9 @@ namespace deferfs {
 namespace {
 
 constexpr char kMagic[4] = {'D', 'F', 'J', '1'};
-constexpr uint32_t kVersion = 1;
+// Version 2 sums the body with xxh3-64 (about twice as fast as xxh64 here);
+// version 1, written before, with xxh64. Both are read.
+constexpr uint32_t kVersion = 2;
 constexpr size_t kHeaderBytes = 8;
 constexpr size_t kTrailerBytes = 1 + 8 + 8;
 constexpr size_t kBufBytes = 1 << 20;
@@ -98,9 +100,9 @@ class Reader {
 }  // namespace
 
 struct JournalWriter::Hasher {
-  XXH64_state_t* state = XXH64_createState();
-  Hasher() { XXH64_reset(state, 0); }
-  ~Hasher() { XXH64_freeState(state); }
+  XXH3_state_t* state = XXH3_createState();
+  Hasher() { XXH3_64bits_reset(state); }
+  ~Hasher() { XXH3_freeState(state); }
 };
 
 JournalWriter::JournalWriter(int dirfd, std::string name)
@@ -142,7 +144,7 @@ void JournalWriter::start_writeback() {
 
 void JournalWriter::put(const void* p, size_t n) {
   if (err_) return;
-  XXH64_update(hash_->state, p, n);
+  XXH3_64bits_update(hash_->state, p, n);
   body_len_ += n;
   const char* c = static_cast<const char*>(p);
   if (buf_.size() + n > kBufBytes) flush();
@@ -200,7 +202,7 @@ int JournalWriter::commit() {
   if (err_) return err_;
   char trailer[kTrailerBytes];
   trailer[0] = 'T';
-  const uint64_t sum = XXH64_digest(hash_->state);
+  const uint64_t sum = XXH3_64bits_digest(hash_->state);
   std::memcpy(trailer + 1, &body_len_, 8);
   std::memcpy(trailer + 9, &sum, 8);
   if ((err_ = write_all(fd_, trailer, sizeof trailer, file_off_)) < 0) return err_;
@@ -262,23 +264,37 @@ int open_complete(int dirfd, const std::string& name, uint64_t* body_end, std::s
     *body_end = kHeaderBytes + body_len;
     return fd;
   }
+  uint32_t version;
+  std::memcpy(&version, header + 4, 4);
+  if (version != 1 && version != 2) {
+    why = "unknown version " + std::to_string(version);
+    close(fd);
+    return -EINVAL;
+  }
   XXH64_state_t* st64 = XXH64_createState();
+  XXH3_state_t* st3 = XXH3_createState();
   XXH64_reset(st64, 0);
+  XXH3_64bits_reset(st3);
   std::vector<char> buf(kBufBytes);
-  for (uint64_t pos = kHeaderBytes; pos < kHeaderBytes + body_len;) {
+  bool readable = true;
+  for (uint64_t pos = kHeaderBytes; pos < kHeaderBytes + body_len && readable;) {
     size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), kHeaderBytes + body_len - pos));
-    if (read_all(fd, buf.data(), n, pos) < 0) {
-      XXH64_freeState(st64);
-      why = "unreadable";
-      close(fd);
-      return -EIO;
-    }
-    XXH64_update(st64, buf.data(), n);
+    readable = read_all(fd, buf.data(), n, pos) == 0;
+    if (version == 1)
+      XXH64_update(st64, buf.data(), n);
+    else
+      XXH3_64bits_update(st3, buf.data(), n);
     pos += n;
   }
-  const bool good = XXH64_digest(st64) == sum;
+  const uint64_t got = version == 1 ? XXH64_digest(st64) : XXH3_64bits_digest(st3);
   XXH64_freeState(st64);
-  if (!good) {
+  XXH3_freeState(st3);
+  if (!readable) {
+    why = "unreadable";
+    close(fd);
+    return -EIO;
+  }
+  if (got != sum) {
     why = "checksum mismatch";
     close(fd);
     return -EINVAL;

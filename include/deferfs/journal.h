@@ -3,7 +3,7 @@
 //
 // A sync writes the changed pages of all its files into
 // <source>/.deferfs/journal, ends it with a trailer holding the body's length
-// and xxh64, fsyncs it (and the directory), then replays it in place (the
+// and checksum, fsyncs it (and the directory), then replays it in place (the
 // same code recovery uses), fsyncs every file, and removes the journal. A
 // crash before the trailer is durable leaves every source file untouched (the
 // incomplete journal is ignored at the next mount); after it, the next mount
@@ -11,13 +11,13 @@
 // changed pages are written twice.
 //
 // Format (little-endian), a stream of records after an 8-byte header:
-//   header  "DFJ1" u32 version
+//   header  "DFJ1" u32 version (2; 1 is still read: its sum is xxh64)
 //   'F' u32 path_len, path, u64 dev, u64 ino, u64 final_size  -- a file begins
 //   'Z' u64 off, u64 len                                        -- must read as zeros
 //   'W' u64 off, u64 len, data[len]                             -- write these bytes
 //   'M' u64 sec, u64 nsec                                       -- the mtime to set after the data
 //   'E'                                                         -- file ends: truncate to final_size, (mtime), fsync
-//   'T' u64 body_len, u64 xxh64(body)                           -- trailer; body = all records before it
+//   'T' u64 body_len, u64 xxh3_64(body)                         -- trailer; body = all records before it
 #pragma once
 
 #include <sys/types.h>
