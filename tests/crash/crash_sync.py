@@ -133,6 +133,9 @@ def main():
     if os.geteuid() != 0:
         print("crash_sync: needs root (drop of FUSE mounts, SIGKILL of the daemon)")
         return 77
+    def stop(signum, frame):  # meson's timeout, or kill: unmount and clean up first
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
     seed = args.seed or random.randrange(1 << 30)
     rnd = random.Random(seed)
     print(f"seed {seed}, {args.trials} trials, {NFILES} files x {CHANGED} changed pages")
