@@ -99,7 +99,7 @@ class Committer::LiveTarget : public JournalTarget {
   // snapshot afterwards.
   std::vector<Job*> outside_seen;
   double sync_ms = 0;  // spent in the files' fsyncs
-  double write_ms = 0;
+  double write_ms = 0;  // spent in the batches of page writes
 
  private:
   int unchanged() {
