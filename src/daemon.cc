@@ -137,6 +137,13 @@ void Daemon::invalidate_now(const Inode& inode) {
   if (se_) fuse_lowlevel_notify_inval_inode(se_, inodes_.nodeid(inode), 0, 0);
 }
 
+void Daemon::flush_kernel_writes() {
+  if (int mfd = open(opts_.mountpoint.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); mfd >= 0) {
+    syncfs(mfd);
+    close(mfd);
+  }
+}
+
 void Daemon::refresh_kernel_view(const Inode& inode) {
   invalidate_now(inode);
   const std::string rel = rel_path(inode);
@@ -529,6 +536,7 @@ std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths,
 }
 
 SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const Progress& progress) {
+  flush_kernel_writes();  // what was written through a mapping is committed too
   std::vector<CommitTarget> committed = targets(paths, true);
   std::unordered_set<const File*> touched;
   for (const CommitTarget& t : committed) touched.insert(t.file.get());
@@ -556,6 +564,7 @@ SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const
 }
 
 StatusReport Daemon::status(const std::vector<std::string>& paths) {
+  flush_kernel_writes();  // pages written through a mapping are staged too
   StatusReport r;
   const uint64_t ps = opts_.page_size;
   for (const CommitTarget& t : targets(paths, true)) {
@@ -576,14 +585,8 @@ StatusReport Daemon::status(const std::vector<std::string>& paths) {
 
 DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
   DiscardReport r;
-  // Dirty pages the kernel holds (mmap writes) reach us as WRITEs whenever
-  // it writes them back; one still in flight would stage its page again
-  // after the discard. Flush and wait for them first (this is the control
-  // thread: the FUSE workers serve those WRITEs).
-  if (int mfd = open(opts_.mountpoint.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); mfd >= 0) {
-    syncfs(mfd);
-    close(mfd);
-  }
+  // One still in flight would stage its page again after the discard.
+  flush_kernel_writes();
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {

@@ -81,6 +81,10 @@ class Daemon final : public ControlHandler {
   // Drops the kernel's cached pages and attributes of `inode` now, and
   // waits for it. Never from inside a FUSE request (control thread only).
   void invalidate_now(const Inode& inode);
+  // Has the kernel write back the pages it holds dirty (writes through a
+  // shared mapping) and waits for them: they are then staged. Control
+  // thread only: the FUSE workers serve those WRITEs.
+  void flush_kernel_writes();
   // invalidate_now, then a stat of the file through the mount, so that the
   // kernel takes the file's size now. The kernel keeps a cached size (i_size)
   // until it asks again and a read inside that size never asks: after the

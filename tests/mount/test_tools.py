@@ -258,6 +258,26 @@ def test_mmap_shared_write_and_msync_commits(mnt):
     assert mnt.status()["files"] == []
 
 
+def test_mmap_write_without_msync_is_seen_by_status_and_sync(mnt):
+    """Pages written through a shared mapping stay in the kernel until it
+    writes them back; `deferfs status` and `deferfs sync` ask it to first,
+    as sync(1) would, so what was written is what is committed."""
+    data = os.urandom(64 * PAGE)
+    write_file(mnt.s("n.bin"), data)
+    with open(mnt.m("n.bin"), "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
+            assert [e["path"] for e in mnt.status()["files"]] == ["n.bin"]
+            mnt.sync()
+            expected = bytearray(data)
+            expected[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
+            assert read_file(mnt.s("n.bin")) == bytes(expected)
+        finally:
+            mm.close()
+    assert mnt.status()["files"] == []
+
+
 def test_mmap_shared_write_is_staged_with_fsync_stage(mount_factory, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
