@@ -25,13 +25,13 @@ namespace {
 // The source's hidden state directory: never shown through the mount.
 constexpr const char* kHiddenDir = ".deferfs";
 constexpr double kTimeout = 1.0;  // entry cache, and attributes of non-regular files, seconds
-// Regular files' attributes are cached for a second too, as passthrough_hp
-// and most FUSE filesystems do: without it every open makes an extra
-// GETATTR round trip for the permission check. Where the daemon changes what
-// stat shows behind the kernel it says so at once: a new snapshot at open
-// (open_regular), discard (Daemon::refresh_kernel_view, which also pushes a
-// smaller size: the kernel trusts its cached size for reads inside it), and
-// sync (Daemon::sync). Writes and truncates through the mount update the
+// Regular files' attributes are cached for a second too: without it every
+// open makes an extra GETATTR round trip for the permission check. Where the
+// daemon changes what stat shows behind the kernel it says so at once: a new
+// snapshot at open (open_regular), discard (Daemon::refresh_kernel_view,
+// which also pushes a smaller size: the kernel trusts its cached size for
+// reads inside it), sync (Daemon::sync) and an fsync that commits
+// (Daemon::commit_one). Writes and truncates through the mount update the
 // kernel's view themselves. A change made to the source from outside shows
 // in stat within a second, and in the data at the next open (spec 5.2).
 constexpr double kFileAttrTimeout = 1.0;
