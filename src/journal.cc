@@ -254,6 +254,13 @@ int open_complete(int dirfd, const std::string& name, uint64_t* body_end, std::s
     close(fd);
     return -EINVAL;
   }
+  uint32_t version;
+  std::memcpy(&version, header + 4, 4);
+  if (version != 1 && version != 2) {
+    why = "unknown version " + std::to_string(version);
+    close(fd);
+    return -EINVAL;
+  }
   if (read_all(fd, trailer, sizeof trailer, size - kTrailerBytes) < 0 || trailer[0] != 'T') {
     why = "no trailer (the sync never committed)";
     close(fd);
@@ -270,13 +277,6 @@ int open_complete(int dirfd, const std::string& name, uint64_t* body_end, std::s
   if (!verify_sum) {
     *body_end = kHeaderBytes + body_len;
     return fd;
-  }
-  uint32_t version;
-  std::memcpy(&version, header + 4, 4);
-  if (version != 1 && version != 2) {
-    why = "unknown version " + std::to_string(version);
-    close(fd);
-    return -EINVAL;
   }
   XXH64_state_t* st64 = XXH64_createState();
   XXH3_state_t* st3 = XXH3_createState();

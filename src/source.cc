@@ -40,8 +40,8 @@ struct Ring {
   }
 };
 
-// One pread or pwrite step of a batch request when there is no io_uring:
-// bytes moved, 0 at end of file (reads), or -errno.
+// One pread or pwrite step of a request done without io_uring: bytes moved,
+// 0 at end of file (reads), or -errno.
 ssize_t sync_step(int fd, ReadRequest& q, size_t done) {
   return pread(fd, static_cast<char*>(q.buf) + done, q.len - done, static_cast<off_t>(q.off + done));
 }
@@ -75,20 +75,17 @@ ssize_t transfer_all(int fd, Req& q) {
   return static_cast<ssize_t>(done);
 }
 
-// Runs every read of a batch on `fd`: io_uring, one submission per window
-// of up to 64 reads, short reads and -EAGAIN resubmitted; plain pread when
-// io_uring is not available. Returns 0 or the first -errno (also left in the
-// failing request's result).
-int uring_read_batch(int fd, std::vector<ReadRequest>& reqs) {
-  using Req = ReadRequest;
+}  // namespace
+
+int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) {
   thread_local Ring r;
   int first_err = 0;
-  auto fail = [&](Req& q, int err) {
+  auto fail = [&](ReadRequest& q, int err) {
     q.result = err;
     if (!first_err) first_err = err;
   };
   if (!r.ok) {  // no io_uring (old kernel, seccomp)
-    for (Req& q : reqs) {
+    for (ReadRequest& q : reqs) {
       const ssize_t n = transfer_all(fd, q);
       if (n < 0) fail(q, static_cast<int>(n));
       else q.result = n;
@@ -120,7 +117,7 @@ int uring_read_batch(int fd, std::vector<ReadRequest>& reqs) {
         size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
         int res = cqe->res;
         io_uring_cqe_seen(&r.ring, cqe);
-        Req& q = reqs[i];
+        ReadRequest& q = reqs[i];
         if (res == -EAGAIN || res == -EINTR) {
           again.push_back(i);
         } else if (res < 0) {
@@ -139,23 +136,12 @@ int uring_read_batch(int fd, std::vector<ReadRequest>& reqs) {
   return first_err;
 }
 
-}  // namespace
-
-int read_batch_fd(int fd, std::vector<ReadRequest>& reqs) { return uring_read_batch(fd, reqs); }
-
-// Writes are buffered: they land in the page cache and never wait for the
-// disk, so io_uring has no I/O to overlap. Worse, ext4 cannot do a buffered
-// write without possibly blocking, so io_uring hands each one to an io-wq
-// worker thread and pays a wakeup per write: 20,000 scattered 4 KiB writes
-// of a sync took 88 ms that way, 41 ms with pwrite (tests/bench/sync_bench.py).
-int write_batch_fd(int fd, std::vector<WriteRequest>& reqs) {
-  for (WriteRequest& q : reqs) {
-    q.result = transfer_all(fd, q);
-    if (q.result < 0) return static_cast<int>(q.result);
-  }
-  return 0;
-}
-
+// One write after the other, for every source. Writes to a file are
+// buffered: they land in the page cache and never wait for the disk, so
+// io_uring has no I/O to overlap. Worse, ext4 cannot do a buffered write
+// without possibly blocking, so io_uring hands each one to an io-wq worker
+// thread and pays a wakeup per write: 20,000 scattered 4 KiB writes of a
+// sync took 88 ms that way, 41 ms with pwrite (tests/bench/sync_bench.py).
 int Source::write_batch(std::vector<WriteRequest>& reqs) {
   for (WriteRequest& q : reqs) {
     q.result = write(q.buf, q.len, q.off);
@@ -165,8 +151,6 @@ int Source::write_batch(std::vector<WriteRequest>& reqs) {
   return 0;
 }
 
-int FdSource::write_batch(std::vector<WriteRequest>& reqs) { return write_batch_fd(fd_, reqs); }
-int CloneSource::write_batch(std::vector<WriteRequest>& reqs) { return source_.write_batch(reqs); }
 
 int FdSource::read_batch(std::vector<ReadRequest>& reqs) { return read_batch_fd(fd_, reqs); }
 

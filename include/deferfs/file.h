@@ -66,7 +66,7 @@ struct CommitPlan {
   uint64_t source_size = 0;           // the source's size when the plan was made
   std::vector<uint64_t> pages;        // Writeback pages (sorted), bytes in the segment
   // Per entry of `pages`: 1 when the page is known to differ from the
-  // snapshot (its hash is not the snapshot page's hash), so the commit need
+  // snapshot (PageEntry::kDiffers), so the commit need
   // not read the source to compare it (the source is the snapshot unless the
   // sync is forced). Empty: nothing known.
   std::vector<uint8_t> known_changed;

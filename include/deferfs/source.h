@@ -58,9 +58,10 @@ class Source {
   virtual int64_t next_data_live(uint64_t off) { return next_data(off); }
   // pwrite of all `len` bytes: 0 or -errno.
   virtual int write(const void* buf, size_t len, uint64_t off) = 0;
-  // Writes every request (requests must not overlap), one after the other:
-  // 0 or the first -errno, also left in the failing request's result. One
-  // call, so that a commit can check the source once around many writes.
+  // Writes every request (requests must not overlap), one after the other
+  // with write() (source.cc says why not io_uring): 0 or the first -errno,
+  // also left in the failing request's result. One call, so that a commit
+  // can check the source once around many writes.
   virtual int write_batch(std::vector<WriteRequest>& reqs);
   virtual int truncate(uint64_t size) = 0;
   // Makes [off, off+len) read as zeros without changing the size (punches a
@@ -98,7 +99,6 @@ class FdSource final : public Source {
   ssize_t read(void* buf, size_t len, uint64_t off) override;
   int read_batch(std::vector<ReadRequest>& reqs) override;
   int write(const void* buf, size_t len, uint64_t off) override;
-  int write_batch(std::vector<WriteRequest>& reqs) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
   int sync() override;
@@ -131,7 +131,6 @@ class CloneSource final : public Source {
   int read_batch_live(std::vector<ReadRequest>& reqs) override { return source_.read_batch(reqs); }
   int64_t next_data_live(uint64_t off) override { return source_.next_data(off); }
   int write(const void* buf, size_t len, uint64_t off) override;
-  int write_batch(std::vector<WriteRequest>& reqs) override;
   int truncate(uint64_t size) override;
   int zero(uint64_t off, uint64_t len) override;
   int sync() override;
@@ -154,9 +153,6 @@ class CloneSource final : public Source {
 // to 64 reads; short reads and -EAGAIN resubmitted), falling back to pread
 // when io_uring is not available. Same contract as Source::read_batch.
 int read_batch_fd(int fd, std::vector<ReadRequest>& reqs);
-// Writes a batch to `fd` with pwrite (see source.cc for why not io_uring):
-// all of every request, or -errno.
-int write_batch_fd(int fd, std::vector<WriteRequest>& reqs);
 
 // True if `dir_fd`'s filesystem can clone files (probes with two files).
 bool reflink_supported(int dir_fd);

@@ -1,5 +1,6 @@
 """Ordinary tools work unchanged through the mount (spec 4.5)."""
 
+import contextlib
 import filecmp
 import hashlib
 import mmap
@@ -224,37 +225,38 @@ def test_sqlite3_wal(mnt):
 
 # ---------------------------------------------------------------- mmap
 
+@contextlib.contextmanager
+def shared_map(path, write=False):
+    """A MAP_SHARED mapping of the whole file at `path`, unmapped at the end."""
+    with open(path, "r+b" if write else "rb") as f:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+        with mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, prot) as mm:
+            yield mm
+
+
 def test_mmap_shared_read(mnt):
     data = os.urandom(5 * MiB + 77)
     write_file(mnt.s("m.bin"), data)
-    with open(mnt.m("m.bin"), "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
-        try:
-            assert len(mm) == len(data)
-            for off in [0, 4095, 1 * MiB + 5, 5 * MiB]:
-                assert mm[off:off + 77] == data[off:off + 77]
-            assert mm[:] == data
-        finally:
-            mm.close()
+    with shared_map(mnt.m("m.bin")) as mm:
+        assert len(mm) == len(data)
+        for off in [0, 4095, 1 * MiB + 5, 5 * MiB]:
+            assert mm[off:off + 77] == data[off:off + 77]
+        assert mm[:] == data
 
 
 def test_mmap_shared_write_and_msync_commits(mnt):
     data = os.urandom(2 * MiB)
     write_file(mnt.s("m.bin"), data)
-    with open(mnt.m("m.bin"), "r+b") as f:
-        mm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            mm[PAGE * 3:PAGE * 3 + 11] = b"hello, mmap"
-            mm[MiB + 100:MiB + 104] = b"\x00\x01\x02\x03"
-            # Visible through read(2) on the mount as well (after the kernel writes it back).
-            mm.flush()  # msync(MS_SYNC): with fsync=commit, commits the file
-            expected = bytearray(data)
-            expected[PAGE * 3:PAGE * 3 + 11] = b"hello, mmap"
-            expected[MiB + 100:MiB + 104] = b"\x00\x01\x02\x03"
-            assert read_file(mnt.s("m.bin")) == bytes(expected)
-            assert read_file(mnt.m("m.bin")) == bytes(expected)
-        finally:
-            mm.close()
+    with shared_map(mnt.m("m.bin"), write=True) as mm:
+        mm[PAGE * 3:PAGE * 3 + 11] = b"hello, mmap"
+        mm[MiB + 100:MiB + 104] = b"\x00\x01\x02\x03"
+        # Visible through read(2) on the mount as well (after the kernel writes it back).
+        mm.flush()  # msync(MS_SYNC): with fsync=commit, commits the file
+        expected = bytearray(data)
+        expected[PAGE * 3:PAGE * 3 + 11] = b"hello, mmap"
+        expected[MiB + 100:MiB + 104] = b"\x00\x01\x02\x03"
+        assert read_file(mnt.s("m.bin")) == bytes(expected)
+        assert read_file(mnt.m("m.bin")) == bytes(expected)
     assert mnt.status()["files"] == []
 
 
@@ -264,17 +266,13 @@ def test_mmap_write_without_msync_is_seen_by_status_and_sync(mnt):
     as sync(1) would, so what was written is what is committed."""
     data = os.urandom(64 * PAGE)
     write_file(mnt.s("n.bin"), data)
-    with open(mnt.m("n.bin"), "r+b") as f:
-        mm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            mm[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
-            assert [e["path"] for e in mnt.status()["files"]] == ["n.bin"]
-            mnt.sync()
-            expected = bytearray(data)
-            expected[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
-            assert read_file(mnt.s("n.bin")) == bytes(expected)
-        finally:
-            mm.close()
+    with shared_map(mnt.m("n.bin"), write=True) as mm:
+        mm[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
+        assert [e["path"] for e in mnt.status()["files"]] == ["n.bin"]
+        mnt.sync()
+        expected = bytearray(data)
+        expected[PAGE * 5:PAGE * 5 + 9] = b"no msync!"
+        assert read_file(mnt.s("n.bin")) == bytes(expected)
     assert mnt.status()["files"] == []
 
 
