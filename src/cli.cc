@@ -417,6 +417,7 @@ void print_stats(const StatsReport& r) {
   line("page_size", human_size(r.page_size));
   line("files_open", std::to_string(r.files_open));
   line("snapshots", std::to_string(r.snapshots));
+  line("snapshots_kept", std::to_string(r.snapshots_kept));
   line("materialized_bytes", human_size(r.materialized_bytes));
   line("loaded_bytes", human_size(r.loaded_bytes));
   line("dirty_pages", std::to_string(r.dirty_pages));

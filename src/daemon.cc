@@ -48,7 +48,10 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       state_dir_owner_{state_dir_fd},
       inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
-      committer_(counters_, source_root_fd, state_dir_fd) {}
+      kept_(SnapshotCache::default_max_files()),
+      committer_(counters_, source_root_fd, state_dir_fd) {
+  inodes_.set_release_hook([this](Inode& inode) { keep_snapshot(inode); });
+}
 
 Daemon::~Daemon() {
   stop_threads();
@@ -246,11 +249,36 @@ void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
   cache_.add(file);
 }
 
+void Daemon::keep_snapshot(Inode& inode) {
+  std::shared_ptr<File> file;
+  {
+    std::lock_guard lk(inode.m);
+    if (!inode.file || inode.file->handles.load() != 0 || inode.file->has_staged()) return;
+    file = std::move(inode.file);
+  }
+  // Until it is attached to an Inode again, nothing in the kernel is its.
+  file->set_invalidate_hook([] {});
+  kept_.keep(inode.dev, inode.ino, std::move(file));
+}
+
 std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) {
   // The name first: rel_path may take inode.m itself.
   const std::string name = rel_path(inode);
   std::lock_guard lk(inode.m);
   keep_cache = false;
+  if (!inode.file) {
+    if (std::shared_ptr<File> kept = kept_.take(inode.dev, inode.ino)) {
+      // A snapshot kept after the kernel forgot this object: revalidated
+      // below like any other at open. The kernel's inode is new, so it
+      // holds no pages of it (keep_cache is false).
+      const uint64_t nodeid = inodes_.nodeid(inode);
+      kept->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
+      kept->set_name(name);
+      inode.file = std::move(kept);
+      inode.file->revalidate();
+      return inode.file;
+    }
+  }
   if (inode.file) {
     File::Validity v = inode.file->revalidate();
     keep_cache = v == File::Validity::Unchanged;
@@ -446,6 +474,7 @@ void Daemon::released(Inode& inode) {
 }
 
 void Daemon::unlinked(dev_t dev, ino_t ino) {
+  kept_.drop(dev, ino);
   if (std::shared_ptr<Inode> inode = inodes_.find(dev, ino)) {
     metadata_changed(*inode, false);  // another name may remain: ctime changed
     released(*inode);
@@ -626,6 +655,11 @@ StatsReport Daemon::stats() {
     s.materialized_bytes += i.resident_bytes;
     s.dirty_pages += i.dirty_pages;
     s.dirty_bytes += i.dirty_pages * opts_.page_size;
+  }
+  for (const auto& file : kept_.files()) {
+    ++s.snapshots;
+    ++s.snapshots_kept;
+    s.materialized_bytes += file->info().resident_bytes;
   }
   s.loaded_bytes = counters_.loaded_bytes.load();
   s.skipped_pages = counters_.skipped_pages.load();

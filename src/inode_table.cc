@@ -52,25 +52,32 @@ bool InodeTable::removable(Inode& inode) {
 
 void InodeTable::forget(uint64_t nodeid, uint64_t n) {
   if (nodeid == FUSE_ROOT_ID) return;
-  std::shared_ptr<Inode> keep;  // destroyed after the table's lock is released
-  std::lock_guard lk(m_);
-  Inode& inode = get(nodeid);
-  inode.nlookup -= std::min<uint64_t>(n, inode.nlookup.load());
-  if (!removable(inode)) return;
-  auto it = inodes_.find({inode.dev, inode.ino});
-  if (it != inodes_.end() && it->second.get() == &inode) {
-    keep = std::move(it->second);
-    inodes_.erase(it);
+  std::shared_ptr<Inode> gone;
+  {
+    std::lock_guard lk(m_);
+    Inode& inode = get(nodeid);
+    inode.nlookup -= std::min<uint64_t>(n, inode.nlookup.load());
+    if (!removable(inode)) return;
+    auto it = inodes_.find({inode.dev, inode.ino});
+    if (it != inodes_.end() && it->second.get() == &inode) gone = std::move(it->second), inodes_.erase(it);
   }
+  released(std::move(gone));
 }
 
 void InodeTable::prune(const Inode& inode) {
-  std::shared_ptr<Inode> keep;
-  std::lock_guard lk(m_);
-  auto it = inodes_.find({inode.dev, inode.ino});
-  if (it == inodes_.end() || it->second.get() != &inode || !removable(*it->second)) return;
-  keep = std::move(it->second);
-  inodes_.erase(it);
+  std::shared_ptr<Inode> gone;
+  {
+    std::lock_guard lk(m_);
+    auto it = inodes_.find({inode.dev, inode.ino});
+    if (it == inodes_.end() || it->second.get() != &inode || !removable(*it->second)) return;
+    gone = std::move(it->second);
+    inodes_.erase(it);
+  }
+  released(std::move(gone));
+}
+
+void InodeTable::released(std::shared_ptr<Inode> inode) {
+  if (inode && release_hook_) release_hook_(*inode);
 }
 
 std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {

@@ -116,6 +116,7 @@ void to_json(json& j, const StatsReport& r) {
   j = json{{"page_size", r.page_size},
            {"files_open", r.files_open},
            {"snapshots", r.snapshots},
+           {"snapshots_kept", r.snapshots_kept},
            {"materialized_bytes", r.materialized_bytes},
            {"loaded_bytes", r.loaded_bytes},
            {"dirty_pages", r.dirty_pages},
@@ -137,6 +138,7 @@ void from_json(const json& j, StatsReport& r) {
   j.at("page_size").get_to(r.page_size);
   j.at("files_open").get_to(r.files_open);
   j.at("snapshots").get_to(r.snapshots);
+  r.snapshots_kept = j.value("snapshots_kept", uint64_t{0});
   j.at("materialized_bytes").get_to(r.materialized_bytes);
   j.at("loaded_bytes").get_to(r.loaded_bytes);
   j.at("dirty_pages").get_to(r.dirty_pages);

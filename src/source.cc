@@ -202,6 +202,7 @@ int FdSource::identity(SourceIdentity& out) {
   out.size = static_cast<uint64_t>(st.st_size);
   out.mtime = st.st_mtim;
   out.ctime = st.st_ctim;
+  out.nlink = st.st_nlink;
   return 0;
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "deferfs/cache.h"
+#include "deferfs/snapshot_cache.h"
 #include "deferfs/committer.h"
 #include "deferfs/control.h"
 #include "deferfs/file.h"
@@ -126,6 +127,9 @@ class Daemon final : public ControlHandler {
   int open_source(const Inode& inode, bool& writable);
   // Hooks a File into the daemon (invalidation, spill, cache).
   void attach(Inode& inode, const std::shared_ptr<File>& file);
+  // The release hook of inodes_: an Inode left the table; its File, if it
+  // has no handle and nothing staged, goes to kept_.
+  void keep_snapshot(Inode& inode);
  public:
   // Restores the staged files a previous daemon of this SOURCE left (spec
   // 6.5). Before serving. Logs each file.
@@ -149,6 +153,9 @@ class Daemon final : public ControlHandler {
   Counters counters_;
   InodeTable inodes_;
   Cache cache_;
+  // Snapshots of files the kernel forgot, kept for their next open (spec
+  // 5.1). Declared after inodes_ and cache_: destroyed before them.
+  SnapshotCache kept_;
   Committer committer_;
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::unique_ptr<ControlServer> control_;

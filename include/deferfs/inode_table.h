@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -78,9 +79,18 @@ class InodeTable {
   // discard left it with nothing staged).
   void prune(const Inode& inode);
 
+  // Called with each Inode that leaves the table (forget, prune), with no
+  // table lock held, before the table drops its reference: the daemon keeps
+  // its File as a cached snapshot (snapshot_cache.h). Set before serving.
+  void set_release_hook(std::function<void(Inode&)> hook) { release_hook_ = std::move(hook); }
+
  private:
   bool removable(Inode& inode);
 
+  // Hands an Inode that left the table to the release hook (no lock held).
+  void released(std::shared_ptr<Inode> inode);
+
+  std::function<void(Inode&)> release_hook_;  // constant while serving
   std::shared_ptr<Inode> root_;
   std::mutex m_;  // guards inodes_
   std::map<std::pair<dev_t, ino_t>, std::shared_ptr<Inode>> inodes_;

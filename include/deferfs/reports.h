@@ -56,6 +56,7 @@ struct StatsReport {
   uint64_t page_size = 0;
   uint64_t files_open = 0;           // open file handles on regular files
   uint64_t snapshots = 0;            // live snapshots (files with a segment)
+  uint64_t snapshots_kept = 0;       // of those, kept after the kernel forgot the file (spec 5.1)
   uint64_t materialized_bytes = 0;   // bytes resident in segments, clean and dirty
   uint64_t loaded_bytes = 0;         // bytes read from the source by the loader since mount
   uint64_t dirty_pages = 0;

@@ -23,6 +23,7 @@ struct SourceIdentity {
   uint64_t size = 0;
   struct timespec mtime = {};
   struct timespec ctime = {};
+  uint64_t nlink = 0;  // names left; not part of the version (== ignores it)
   bool operator==(const SourceIdentity& o) const;
   bool operator!=(const SourceIdentity& o) const { return !(*this == o); }
 };
