@@ -18,6 +18,14 @@
 //       compared (a write that restores a page's base bytes makes it Clean).
 //   I5  only the loader that set a page Loading writes that page's bytes.
 //
+// Parts. File is one class whose functions live in five files, one job
+// each: file.cc (the core: construction, page states, persistence, snapshot
+// validity, reads), loader.cc (loading and readahead), staging.cc (writes,
+// truncate, the skip-unchanged decision, discard), residency.cc (eviction,
+// spilling, pins and deferred punches), file_commit.cc (the commit's plan,
+// end and recheck). The members below are grouped by the part that owns
+// them (see "members, by part").
+//
 // Lock rules. mutex_ guards everything marked "guarded"; it is never held
 // across source I/O. Loads mark pages Loading, drop the lock, read, retake it
 // and look the page up again (wendelin's loadblk / VM_RETRY). commit_mutex_
@@ -269,25 +277,41 @@ class File : public std::enable_shared_from_this<File> {
   std::atomic<int> handles{0};
 
  private:
-  // Absent pages below the cut in [first, last) get loaded; waits for pages
-  // others are loading. Returns 0 or -errno. lk is held on entry and exit.
-  // `touch`: the pages are being read (they get the clock's referenced bit);
-  // prefetched pages do not, so eviction takes them first.
-  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch = true);
-  // Clips a read to the size and loads its pages; the byte count, 0 at end
-  // of file, or -errno. lk is held on entry and exit.
-  ssize_t load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len);
-  // Follows the read [off, off+len) for readahead; called with the lock held.
-  void note_read_locked(uint64_t off, uint64_t len);
-  // Reads [first, first+count) from the source into the segment (lock not held).
-  // hole[i] is set for pages found to be holes of the source.
-  int load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole);
+  // ======== core (file.cc): construction, page-state bookkeeping, the
+  // persisted header, snapshot validity, reads out of the segment ========
+
   // The source's identity differs from the snapshot's (or a load saw it
   // change): re-snapshot a file with nothing staged and return true, or mark
   // a conflict and return false.
   bool source_changed_locked();
   void resnapshot_locked(const SourceIdentity& now);
   bool has_staged_locked() const;
+  bool page_is_zero(uint64_t page) const;
+  // Every page state change goes through here: keeps the Counters' gauges.
+  PageEntry* set_page_state(uint64_t page, PageState to);
+  // Clips a read to the size and loads its pages; the byte count, 0 at end
+  // of file, or -errno. lk is held on entry and exit.
+  ssize_t load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len);
+  // Copies [off, off+len) (resident pages already ensured) into out.
+  void copy_out_locked(uint64_t off, size_t len, char* out);
+  // Mirrors the header fields into the persisted metadata (no-op without it).
+  void persist_header_locked();
+
+  // ======== loader (loader.cc) ========
+
+  // Absent pages below the cut in [first, last) get loaded; waits for pages
+  // others are loading. Returns 0 or -errno. lk is held on entry and exit.
+  // `touch`: the pages are being read (they get the clock's referenced bit);
+  // prefetched pages do not, so eviction takes them first.
+  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch = true);
+  // Follows the read [off, off+len) for readahead; called with the lock held.
+  void note_read_locked(uint64_t off, uint64_t len);
+  // Reads [first, first+count) from the source into the segment (lock not held).
+  // hole[i] is set for pages found to be holes of the source.
+  int load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole);
+
+  // ======== staging (staging.cc) ========
+
   // Pages in [cut, min(size, base_size)) without an entry: zeros now, maybe
   // not on the source.
   uint64_t implicit_zero_pages_locked() const;
@@ -300,36 +324,46 @@ class File : public std::enable_shared_from_this<File> {
   // Pages a write made Dirty whose bytes may equal the base again: compare
   // against the source (lock dropped for the read) and make equal ones Clean.
   void settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
-  bool page_is_zero(uint64_t page) const;
-  // Every page state change goes through here: keeps the Counters' gauges.
-  PageEntry* set_page_state(uint64_t page, PageState to);
   // Raises cut_ over pages that have an entry (their content does not depend
   // on the cut), so they can be evicted and reloaded from the source.
   void raise_cut_locked();
-  // Copies [off, off+len) (resident pages already ensured) into out.
-  void copy_out_locked(uint64_t off, size_t len, char* out);
+  void touch_staged();
+
+  // ======== residency (residency.cc) ========
+
   int ensure_spill_file_locked();
-  // Mirrors the header fields into the persisted metadata (no-op without it).
-  void persist_header_locked();
   void drop_page(uint64_t page);  // to Absent, punching its memory
   // Punches [off, off+len) of the segment, or defers it while replies are
   // pinned; the deferred punch later frees only pages that are not resident
   // or loading by then.
   void punch_locked(uint64_t off, uint64_t len);
-  void touch_staged();
+
+  // ======== members, by part ========
+  //
+  // One lock, mutex_, guards every member below it marked "guarded". Every
+  // part may read and change the core's members (under mutex_); a part's
+  // own members are changed only by the functions of its file (others may
+  // read them under mutex_ where said). Lock order: commit_mutex_ before
+  // io_gate_ before mutex_; mutex_ is never held across source I/O.
 
   // constant after construction
   const uint64_t page_size_;
   const std::unique_ptr<Source> source_;
   Counters& counters_;
 
+  // commit side (file_commit.cc, and staging's truncate and discard, which
+  // take commit_mutex_ themselves). commit_mutex_ serializes sync, discard
+  // and truncate; io_gate_ is held shared by loads (and the compare of
+  // settle_candidates) and exclusive by a commit's write phase, so a load
+  // never sees the source mid-commit.
   std::mutex commit_mutex_;
   std::shared_mutex io_gate_;
 
   mutable std::mutex mutex_;
-  std::condition_variable loaded_cv_;  // signalled when any Loading page settles
+
+  // core: any part, under mutex_
   std::string name_;                   // guarded
-  std::unique_ptr<Segment> segment_;   // reserve/punch guarded; bytes per page state
+  std::unique_ptr<Segment> segment_;   // reserve/punch guarded; bytes per page state (I5)
   std::unique_ptr<PersistMeta> meta_;  // guarded; null when not persistent
   PageMap map_;                        // guarded
   SourceIdentity identity_;            // guarded: the snapshot's source identity
@@ -338,21 +372,28 @@ class File : public std::enable_shared_from_this<File> {
   uint64_t cut_ = 0;                   // guarded
   uint64_t generation_ = 0;            // guarded: bumped when the base changes
   bool conflict_ = false;              // guarded
-  struct timespec staged_mtime_ = {};  // guarded
-  bool explicit_mtime_ = false;        // guarded
   bool stale_kernel_cache_ = false;    // guarded: see take_stale_kernel_cache
   std::function<void()> invalidate_hook_;  // guarded
   std::string source_root_;                // guarded: for the persisted header
-  std::function<int()> spill_opener_;      // guarded
-  std::function<void()> spill_remover_;    // guarded
-  int spill_fd_ = -1;                      // guarded (set once); owned
-  size_t clock_hand_ = 0;                  // guarded
-  uint64_t pins_ = 0;                      // guarded: replies in flight from the segment
+
+  // staging's own (read by the commit side's plan, the header and info)
+  struct timespec staged_mtime_ = {};  // guarded
+  bool explicit_mtime_ = false;        // guarded
+
+  // loader's own
+  std::condition_variable loaded_cv_;  // signalled when any Loading page settles
   uint64_t ra_max_ = 0;                    // guarded: readahead cap (0: none)
   uint64_t ra_window_ = 0;                 // guarded: current window
   uint64_t ra_next_ = ~uint64_t{0};        // guarded: where a sequential read would start
   uint64_t ra_issued_ = 0;                 // guarded: end of the last window handed out
   PrefetchHook prefetch_hook_;             // guarded
+
+  // residency's own (the loader reads spill_fd_ to load spilled pages back)
+  std::function<int()> spill_opener_;      // guarded
+  std::function<void()> spill_remover_;    // guarded
+  int spill_fd_ = -1;                      // guarded (set once); owned
+  size_t clock_hand_ = 0;                  // guarded
+  uint64_t pins_ = 0;                      // guarded: replies in flight from the segment
   std::vector<std::pair<uint64_t, uint64_t>> pending_punch_;  // guarded: (off, len) deferred while pinned
 };
 

@@ -1,0 +1,202 @@
+// File's loader: absent pages below the cut are read from the source (or
+// spilled ones from the spill file) with the lock released, concurrent
+// faults on a page merged, waiters woken when their pages settle;
+// readahead of sequential reads.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "deferfs/file.h"
+#include "deferfs/log.h"
+#include "file_internal.h"
+
+namespace deferfs {
+
+using namespace file_detail;
+
+int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole) {
+  const uint64_t ps = page_size_;
+  uint64_t off = first * ps;
+  const uint64_t end = std::min((first + count) * ps, base_size);
+  char* seg = segment_->data();
+  while (off < end) {
+    int64_t d = source_->next_data(off);
+    if (d < 0) return static_cast<int>(d);
+    uint64_t data = std::max<uint64_t>(static_cast<uint64_t>(d), off);
+    // Pages whose bytes (up to the end of the file) all lie in [off, data)
+    // are holes: zeros, never read, nothing resident.
+    for (uint64_t p = div_up(off, ps); p < first + count && p * ps < std::min(data, end); ++p)
+      if (std::min((p + 1) * ps, base_size) <= data) hole[p - first] = 1;
+    if (data >= end) break;
+    int64_t h = source_->next_hole(data);
+    if (h < 0) return static_cast<int>(h);
+    uint64_t read_start = std::max(off, data / ps * ps);
+    uint64_t read_end = std::min(end, div_up(std::max<uint64_t>(static_cast<uint64_t>(h), data + 1), ps) * ps);
+    ssize_t n = source_->read(seg + read_start, read_end - read_start, read_start);
+    if (n < 0) return static_cast<int>(n);
+    if (static_cast<uint64_t>(n) < read_end - read_start) return -ESTALE;  // source shrank
+    // The last page past the end of the file reads as zeros, whatever its
+    // memory held (a punch may still be deferred).
+    if (read_end % ps) std::memset(seg + read_end, 0, ps - read_end % ps);
+    counters_.loaded_bytes.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+    off = read_end;
+  }
+  return 0;
+}
+
+int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch) {
+  const uint64_t ps = page_size_;
+  for (;;) {
+    std::vector<uint64_t> mine;
+    std::vector<char> from_spill;
+    bool others_loading = false, from_source = false;
+    for (uint64_t p = first; p < last; ++p) {
+      PageState st = map_.state(p);
+      if ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled) {
+        mine.push_back(p);
+        from_spill.push_back(st == PageState::Spilled);
+        from_source |= st == PageState::Absent;
+      } else if (is_loading(st)) {
+        others_loading = true;
+      }
+    }
+    if (mine.empty() && !others_loading) return 0;
+    if (mine.empty()) {
+      loaded_cv_.wait(lk);
+      continue;
+    }
+    if (conflict_ && from_source && !source_->stable()) {
+      log_error("%s: changed outside the mount while it has staged changes; "
+                "refusing to read pages of the new source (conflict)", name_.c_str());
+      return -EIO;
+    }
+    for (size_t i = 0; i < mine.size(); ++i) {
+      PageEntry* e = set_page_state(mine[i], PageState::Loading);
+      if (from_spill[i]) e->flags |= PageEntry::kFromSpill;
+    }
+    const SourceIdentity expected = identity_;
+    const uint64_t base_size = base_size_;
+    const int spill_fd = spill_fd_;
+
+    // I/O with the lock released; I5: only we write these pages' bytes.
+    lk.unlock();
+    std::vector<char> hole(mine.size(), 0);
+    int rc = 0, spill_rc = 0;
+    for (size_t i = 0; i < mine.size(); ++i) {
+      if (!from_spill[i]) continue;
+      ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+      if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
+    }
+    if (from_source) {
+      std::shared_lock gate(io_gate_);
+      for (size_t i = 0; i < mine.size() && rc == 0;) {
+        if (from_spill[i]) {
+          ++i;
+          continue;
+        }
+        size_t j = i + 1;
+        while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
+        std::vector<char> run_hole(j - i, 0);
+        rc = load_run(mine[i], j - i, base_size, run_hole);
+        std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
+        i = j;
+      }
+      // The guard of spec 5.2: trust what was read only if the source is
+      // still the snapshot's version (a reflink clone cannot change).
+      SourceIdentity now;
+      if (rc == 0 && !source_->stable() && (rc = source_->identity(now)) == 0 && now != expected) rc = -ESTALE;
+    }
+    lk.lock();
+
+    for (size_t i = 0; i < mine.size(); ++i) {
+      const uint64_t p = mine[i];
+      const bool invalidated = map_.state(p) == PageState::LoadingInvalidated;
+      if (from_spill[i]) {
+        if (invalidated) {
+          drop_page(p);
+          if (spill_fd_ >= 0)
+            fallocate(spill_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(p * ps), static_cast<off_t>(ps));
+        } else if (spill_rc < 0) {
+          set_page_state(p, PageState::Spilled);  // still staged in the spill file
+          punch_locked(p * ps, ps);
+        } else {
+          PageEntry* e = set_page_state(p, PageState::Dirty);
+          if (touch) e->flags |= PageEntry::kReferenced;
+        }
+      } else if (rc < 0 || invalidated) {
+        drop_page(p);
+      } else if (hole[i]) {
+        set_page_state(p, PageState::Hole);
+        punch_locked(p * ps, ps);
+      } else {
+        PageEntry* e = set_page_state(p, PageState::Clean);
+        if (touch) e->flags |= PageEntry::kReferenced;
+      }
+    }
+    loaded_cv_.notify_all();
+    if (spill_rc < 0) {
+      log_error("%s: reading staged pages back from the spill file failed: %s", name_.c_str(),
+                std::strerror(-spill_rc));
+      return spill_rc;
+    }
+    if (rc == -ESTALE) {
+      SourceIdentity now;
+      if (source_->identity(now) == 0 && now == identity_) {
+        // A short read of a source whose identity did not change: the file
+        // is shorter than its snapshot says. Never retry forever.
+        log_error("%s: the source is shorter than its snapshot (%llu bytes)", name_.c_str(),
+                  static_cast<unsigned long long>(base_size_));
+        return -EIO;
+      }
+      if (!source_changed_locked()) return -EIO;
+      continue;  // re-snapshotted: load from the new source
+    }
+    if (rc < 0) {
+      log_error("%s: reading the source failed: %s", name_.c_str(), std::strerror(-rc));
+      return rc;
+    }
+  }
+}
+
+void File::set_readahead(uint64_t max, PrefetchHook prefetch) {
+  std::lock_guard lk(mutex_);
+  ra_max_ = max;
+  prefetch_hook_ = std::move(prefetch);
+}
+
+void File::note_read_locked(uint64_t off, uint64_t len) {
+  if (ra_max_ == 0 || !prefetch_hook_) return;
+  const uint64_t ps = page_size_;
+  const uint64_t end = off + len;
+  if (off == ra_next_) {
+    ra_window_ = ra_window_ ? std::min(ra_window_ * 2, ra_max_) : std::min<uint64_t>(128 << 10, ra_max_);
+  } else {
+    ra_window_ = 0;  // a seek: random access loads only what it touches
+    ra_issued_ = 0;
+  }
+  ra_next_ = end;
+  if (ra_window_ == 0) return;
+  // The window past this read, less what was handed out already; only the
+  // source's part (below the cut) needs loading.
+  const uint64_t from = std::max(end, ra_issued_);
+  const uint64_t to = std::min(end + ra_window_, cut_);
+  if (from >= to) return;
+  uint64_t first = from / ps, last = div_up(to, ps);
+  bool any_absent = false;
+  for (uint64_t p = first; p < last && !any_absent; ++p) any_absent = map_.state(p) == PageState::Absent;
+  ra_issued_ = to;
+  if (any_absent) prefetch_hook_(weak_from_this(), first, last);
+}
+
+int File::prefetch(uint64_t first, uint64_t last) {
+  std::unique_lock lk(mutex_);
+  if (conflict_) return -EIO;
+  return ensure_loaded(lk, first, last, /*touch=*/false);
+}
+
+}  // namespace deferfs
