@@ -68,6 +68,15 @@ int Segment::reserve(uint64_t bytes) {
   return 0;
 }
 
+void Segment::populate(uint64_t off, uint64_t len) const {
+#ifndef MADV_POPULATE_WRITE
+  constexpr int MADV_POPULATE_WRITE = 23;  // Linux 5.14; Debian 12's headers may lack it
+#endif
+  if (off >= capacity_ || len == 0) return;
+  len = std::min(len, capacity_ - off);
+  madvise(base_ + off, len, MADV_POPULATE_WRITE);
+}
+
 int Segment::punch(uint64_t off, uint64_t len) {
   if (off >= capacity_ || len == 0) return 0;
   if (len > capacity_ - off) len = capacity_ - off;

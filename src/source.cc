@@ -154,6 +154,64 @@ int Source::write_batch(std::vector<WriteRequest>& reqs) {
 
 int FdSource::read_batch(std::vector<ReadRequest>& reqs) { return read_batch_fd(fd_, reqs); }
 
+// ------------------------------------------------------------ DirectReader
+
+namespace {
+constexpr uint64_t kDirectAlign = 4096;  // covers every logical block size up to 4 KiB
+}  // namespace
+
+DirectReader::~DirectReader() {
+  if (int fd = direct_fd_.load(); fd >= 0) close(fd);
+}
+
+int DirectReader::open_direct(int fd) {
+  int dfd = direct_fd_.load(std::memory_order_acquire);
+  if (dfd >= 0) return dfd;
+  // Reopen the very file `fd` is open on (it may have no name left).
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  dfd = open(self.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC | O_NOATIME);
+  if (dfd < 0 && errno == EPERM) dfd = open(self.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  if (dfd < 0) {
+    unsupported_.store(true, std::memory_order_relaxed);
+    return -1;
+  }
+  int expected = -1;
+  if (!direct_fd_.compare_exchange_strong(expected, dfd)) {
+    close(dfd);  // another loader opened it first
+    return expected;
+  }
+  return dfd;
+}
+
+ssize_t DirectReader::load(int fd, void* buf, size_t len, uint64_t off) {
+  auto addr = reinterpret_cast<uintptr_t>(buf);
+  if (unsupported_.load(std::memory_order_relaxed) || addr % kDirectAlign || off % kDirectAlign) {
+    ReadRequest q{buf, len, off};
+    return transfer_all(fd, q);
+  }
+  const int dfd = open_direct(fd);
+  size_t done = 0;
+  while (dfd >= 0 && done < len) {
+    const size_t want = (len - done + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    ssize_t n = pread(dfd, static_cast<char*>(buf) + done, want, static_cast<off_t>(off + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EINVAL) {
+      unsupported_.store(true, std::memory_order_relaxed);  // the filesystem refuses O_DIRECT
+      break;
+    }
+    if (n < 0) return -errno;
+    if (n == 0) return static_cast<ssize_t>(done);  // end of file
+    done += static_cast<size_t>(n);
+    if (static_cast<size_t>(n) % kDirectAlign) break;  // short at the end of file
+  }
+  if (done >= len) return static_cast<ssize_t>(len);
+  if (dfd >= 0 && done > 0 && done % kDirectAlign) return static_cast<ssize_t>(done);  // end of file
+  // The rest buffered (O_DIRECT refused, or a short read we cannot follow).
+  ReadRequest q{static_cast<char*>(buf) + done, len - done, off + done};
+  const ssize_t n = transfer_all(fd, q);
+  return n < 0 ? n : static_cast<ssize_t>(done) + n;
+}
+
 FdSource::FdSource(int fd, bool writable) : fd_(fd), writable_(writable) {}
 
 FdSource::~FdSource() { close(fd_); }

@@ -43,6 +43,12 @@ class Segment {
   // system, the range reads as zeros. Returns 0 or -errno.
   int punch(uint64_t off, uint64_t len);
 
+  // Allocates the memory of [off, off+len) (page-aligned, within capacity)
+  // and maps it in the daemon's view in one call, instead of one page fault
+  // per page when it is first written. A hint: failure is ignored (the
+  // writes then fault as usual). Called with the range's pages Loading.
+  void populate(uint64_t off, uint64_t len) const;
+
   // Bytes of memory the segment holds, as the kernel counts them.
   uint64_t resident_bytes() const;
 

@@ -4,10 +4,12 @@
 #include "deferfs/source.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -78,6 +80,55 @@ TEST(SourceBatch, ScatteredWritesLandWhereAskedAndReadBack) {
     EXPECT_TRUE(bufs[i] == data[i]) << "read " << i;
   }
   EXPECT_EQ(reads.back().result, static_cast<ssize_t>(kPage)) << "short at the end of the file";
+}
+
+// Source::load reads with O_DIRECT where it can (not on /tmp if it is a
+// tmpfs without it: then buffered). Either way the bytes are the file's, a
+// read ending at the end of the file is short by exactly the missing bytes,
+// the bytes written dirty the same page only, and writes made through the
+// buffered fd just before are seen (the kernel writes them back first).
+TEST(SourceLoad, LoadsAlignedRunsExactlyWhateverTheEndOfFile) {
+  for (const char* dir : {"/var/tmp", "/tmp"}) {
+    std::string tmpl = std::string(dir) + "/deferfs-load-test.XXXXXX";
+    int fd = mkstemp(tmpl.data());
+    ASSERT_GE(fd, 0) << dir;
+    unlink(tmpl.c_str());
+    constexpr size_t kPage = 4096;
+    const size_t size = 37 * kPage + 123;
+    std::vector<char> want(size);
+    std::mt19937 rng(11);
+    for (char& c : want) c = static_cast<char>(rng());
+    ASSERT_EQ(pwrite(fd, want.data(), size, 0), static_cast<ssize_t>(size));
+    FdSource src(fd, true);
+    const size_t cap = 40 * kPage;
+    char* buf = static_cast<char*>(mmap(nullptr, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    ASSERT_NE(buf, MAP_FAILED);
+    struct Case { uint64_t first_page; size_t len; size_t expect; };
+    const Case cases[] = {
+        {0, 8 * kPage, 8 * kPage},                  // whole pages
+        {3, 5 * kPage + 17, 5 * kPage + 17},        // ends inside a page
+        {32, size - 32 * kPage, size - 32 * kPage}, // up to the end of file
+        {36, 2 * kPage, size - 36 * kPage},         // past it: short
+        {38, kPage, 0},                             // beyond it
+    };
+    for (const Case& c : cases) {
+      std::memset(buf, 0x5a, cap);
+      const uint64_t off = c.first_page * kPage;
+      ssize_t n = src.load(buf, c.len, off);
+      ASSERT_EQ(n, static_cast<ssize_t>(c.expect)) << dir << " page " << c.first_page;
+      EXPECT_EQ(0, std::memcmp(buf, want.data() + off, c.expect)) << dir << " page " << c.first_page;
+      const size_t page_end = (c.len + kPage - 1) / kPage * kPage;
+      for (size_t i = page_end; i < cap; ++i) ASSERT_EQ(buf[i], 0x5a) << "wrote past the last page";
+    }
+    // A write through the buffered fd is seen by the next load.
+    ASSERT_EQ(src.write("fresh", 5, 2 * kPage + 1), 0);
+    ASSERT_EQ(src.load(buf, kPage, 2 * kPage), static_cast<ssize_t>(kPage));
+    EXPECT_EQ(0, std::memcmp(buf + 1, "fresh", 5));
+    // An unaligned buffer is read the buffered way, with the same result.
+    ASSERT_EQ(src.load(buf + 1, 100, 0), 100);
+    EXPECT_EQ(0, std::memcmp(buf + 1, want.data(), 100));
+    munmap(buf, cap);
+  }
 }
 
 TEST(SourceBatch, AWriteToAReadOnlyFileFailsWithItsErrno) {
