@@ -354,7 +354,10 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
     auto job = std::make_unique<Job>();
     job->target = &t;
     job->commit_lock = std::unique_lock(t.file->commit_mutex());
-    if (!t.file->has_staged()) continue;
+    // Pages a write may have left equal to the snapshot are decided first;
+    // those found equal are this sync's skipped pages too.
+    report.pages_skipped += t.file->settle_pending();
+    if (!t.file->has_staged_now()) continue;
     if (t.file->revalidate() == File::Validity::Conflict) {
       if (!force) {
         log_error("%s: not synced: changed outside the mount since its snapshot "

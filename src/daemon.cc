@@ -192,7 +192,7 @@ void Daemon::keep_snapshot(Inode& inode) {
   std::shared_ptr<File> file;
   {
     std::lock_guard lk(inode.m);
-    if (!inode.file || inode.file->handles.load() != 0 || inode.file->has_staged()) return;
+    if (!inode.file || inode.file->handles.load() != 0 || inode.file->has_staged_now()) return;
     file = std::move(inode.file);
   }
   // Until it is attached to an Inode again, nothing in the kernel is its.

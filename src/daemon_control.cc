@@ -37,7 +37,7 @@ std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths,
       std::lock_guard lk(inode->m);
       file = inode->file;
     }
-    if (!file || (staged_only && !file->has_staged())) continue;
+    if (!file || (staged_only && !file->has_staged_now())) continue;
     std::string rel = rel_path(*inode);
     if (!matches(rel, paths)) continue;
     file->set_name(rel);
@@ -81,6 +81,8 @@ StatusReport Daemon::status(const std::vector<std::string>& paths) {
   StatusReport r;
   const uint64_t ps = opts_.page_size;
   for (const CommitTarget& t : targets(paths, true)) {
+    // Pages written back to their old bytes are not staged (spec 6.1).
+    if (!t.file->has_staged()) continue;
     t.file->revalidate();  // status says what conflicts now (spec 2)
     File::Info i = t.file->info();
     StatusEntry e;
@@ -133,6 +135,7 @@ StatsReport Daemon::stats() {
       file = inode->file;
     }
     if (!file) continue;
+    file->settle_pending();  // dirty_pages counts no page equal to the snapshot (spec 6.1)
     File::Info i = file->info();
     ++s.snapshots;
     s.files_open += static_cast<uint64_t>(std::max(0, file->handles.load()));

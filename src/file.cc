@@ -224,6 +224,11 @@ bool File::has_staged_locked() const {
 }
 
 bool File::has_staged() {
+  settle_pending();
+  return has_staged_now();
+}
+
+bool File::has_staged_now() {
   std::lock_guard lk(mutex_);
   return has_staged_locked();
 }

@@ -47,7 +47,7 @@ std::shared_ptr<Inode> InodeTable::lookup(int fd, const struct stat& st) {
 bool InodeTable::removable(Inode& inode) {
   if (inode.nlookup.load() != 0) return false;
   std::lock_guard fl(inode.m);
-  return !inode.file || (inode.file->handles.load() == 0 && !inode.file->has_staged());
+  return !inode.file || (inode.file->handles.load() == 0 && !inode.file->has_staged_now());
 }
 
 void InodeTable::forget(uint64_t nodeid, uint64_t n) {

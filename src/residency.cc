@@ -119,6 +119,7 @@ uint64_t File::evict_clean(uint64_t max_pages) {
 
 int64_t File::spill_dirty(uint64_t max_pages) {
   const uint64_t ps = page_size_;
+  settle_pending();  // pages equal to the snapshot are not worth a spill
   std::unique_lock lk(mutex_);
   if (int rc = ensure_spill_file_locked(); rc < 0) return rc;
   std::vector<uint64_t> victims = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {

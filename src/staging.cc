@@ -105,7 +105,22 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   }
   if (end > size_) size_ = end;
   touch_staged();
-  if (!candidates.empty()) settle_candidates(lk, candidates);
+  for (uint64_t p : candidates) {
+    if (p * ps < base_size_) {
+      unsettled_ = true;  // the base must be read: left to settle_pending()
+      continue;
+    }
+    // Past the snapshot's end the base is zeros: decided here, no I/O.
+    PageEntry* e = map_.find(p);
+    if (page_is_zero(p)) {
+      set_page_state(p, PageState::Clean)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
+      counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      e->has_base_hash = true;
+      e->base_hash = zero_hash;
+      e->flags |= PageEntry::kDiffers;
+    }
+  }
   raise_cut_locked();
   return static_cast<ssize_t>(asked);
 }
@@ -126,7 +141,30 @@ void File::dirty_clean_page(uint64_t page) {
   e->base_hash = h;
 }
 
-void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages) {
+uint64_t File::settle_pending() {
+  // Pages per batch: bounds the buffer the base bytes are read into.
+  constexpr size_t kBatchPages = 4096;
+  std::unique_lock lk(mutex_);
+  if (!unsettled_) return 0;
+  unsettled_ = false;  // a write from now on sets it again
+  uint64_t equal = 0;
+  const std::vector<uint64_t> pages = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
+    return e.state == PageState::Dirty && !(e.flags & PageEntry::kDiffers);
+  });
+  for (size_t i = 0; i < pages.size(); i += kBatchPages) {
+    const auto from = pages.begin() + static_cast<long>(i);
+    const std::vector<uint64_t> batch(from, from + static_cast<long>(std::min(kBatchPages, pages.size() - i)));
+    const int64_t n = settle_candidates(lk, batch);
+    if (n < 0) {
+      unsettled_ = true;  // try again at the next look
+      break;
+    }
+    equal += static_cast<uint64_t>(n);
+  }
+  return equal;
+}
+
+int64_t File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages) {
   const uint64_t ps = page_size_;
   const uint64_t gen = generation_;
   const uint64_t base_size = base_size_;
@@ -136,23 +174,26 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
   bool ok = true;
   {
     std::shared_lock gate(io_gate_);
-    for (size_t i = 0; i < pages.size() && ok;) {
+    // One read per run of consecutive pages, all of them in one batch.
+    std::vector<ReadRequest> reads;
+    for (size_t i = 0; i < pages.size();) {
       size_t j = i + 1;
       while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
-      uint64_t from = pages[i] * ps;
-      if (from < base_size) {
-        size_t want = static_cast<size_t>(std::min<uint64_t>((j - i) * ps, base_size - from));
-        ssize_t n = source_->read(base.data() + i * ps, want, from);
-        ok = n == static_cast<ssize_t>(want);
-      }
+      const uint64_t from = pages[i] * ps;
+      if (from < base_size)
+        reads.push_back({base.data() + i * ps, static_cast<size_t>(std::min<uint64_t>((j - i) * ps, base_size - from)),
+                         from});
       i = j;
     }
+    ok = source_->read_batch(reads) == 0;
+    for (const ReadRequest& r : reads) ok = ok && r.result == static_cast<ssize_t>(r.len);
     SourceIdentity now;
     ok = ok && (source_->stable() || (source_->identity(now) == 0 && now == expected));
   }
   lk.lock();
   // Leaving a page Dirty is always safe: sync compares with the source again.
-  if (!ok || generation_ != gen) return;
+  if (!ok || generation_ != gen) return -1;
+  int64_t equal = 0;
   for (size_t i = 0; i < pages.size(); ++i) {
     uint64_t p = pages[i];
     PageEntry* e = map_.find(p);
@@ -161,12 +202,14 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
     if (std::memcmp(page_bytes(p), b, ps) == 0) {
       set_page_state(p, PageState::Clean)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
       counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
+      ++equal;
     } else {
       e->has_base_hash = true;
       e->base_hash = hash32(b, ps);
       e->flags |= PageEntry::kDiffers;  // just compared, under the lock
     }
   }
+  return equal;
 }
 
 int File::truncate(uint64_t new_size) {

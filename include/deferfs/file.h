@@ -175,8 +175,22 @@ class File : public std::enable_shared_from_this<File> {
   // ---- commit (sync), called by Committer; commit_mutex() held ----
 
   std::mutex& commit_mutex() { return commit_mutex_; }
-  // True if anything is staged (dirty pages or a size change).
+  // True if anything is staged (dirty pages or a size change), as an
+  // observer sees it: settles pending pages first (settle_pending: may read
+  // the source). Never call it with an Inode's or the table's lock held.
   bool has_staged();
+  // The same without settling: pages a write may have left equal to the
+  // snapshot count as staged until settled. No I/O; any lock may be held.
+  bool has_staged_now();
+  // Decides, for every Dirty page a write may have made equal to the
+  // snapshot again (not known to differ), whether it does: reads their base
+  // bytes from the source in offset order, in batches (io_uring), with the
+  // lock released, and makes the equal ones Clean (counted as skipped).
+  // Writes never read the source for this (spec 6.1 holds for every
+  // observer): status, stats and sync call it before they look, and
+  // spilling before it writes pages out. Takes the lock itself. Returns
+  // the number of pages found equal (made Clean).
+  uint64_t settle_pending();
   bool in_conflict();
   // Moves staged pages to Writeback and describes what to write.
   CommitPlan begin_commit();
@@ -323,7 +337,9 @@ class File : public std::enable_shared_from_this<File> {
   bool note_differs(uint64_t page, PageEntry* e);
   // Pages a write made Dirty whose bytes may equal the base again: compare
   // against the source (lock dropped for the read) and make equal ones Clean.
-  void settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
+  // Returns the number of pages found equal, or -1 when the comparison
+  // could not be made (the pages stay Dirty).
+  int64_t settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
   // Raises cut_ over pages that have an entry (their content does not depend
   // on the cut), so they can be evicted and reloaded from the source.
   void raise_cut_locked();
@@ -377,6 +393,9 @@ class File : public std::enable_shared_from_this<File> {
   std::string source_root_;                // guarded: for the persisted header
 
   // staging's own (read by the commit side's plan, the header and info)
+  // Set when a write left pages that may equal the base (Dirty without
+  // kDiffers) for settle_pending(); cleared by a pass that settled them.
+  bool unsettled_ = false;             // guarded
   struct timespec staged_mtime_ = {};  // guarded
   bool explicit_mtime_ = false;        // guarded
 

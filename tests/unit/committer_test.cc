@@ -279,6 +279,9 @@ TEST_F(CommitterTest, WriteErrorKeepsEverythingStagedAndALaterSyncSucceeds) {
 TEST_F(CommitterTest, PagesKnownToDifferAreNotReadAgainAtSync) {
   open_numbered(64);
   for (uint64_t p : {3, 30, 60}) dirty_page(p, 'z');
+  // A write does not read the source; an observer's look (status) compares
+  // the pages and learns that they differ.
+  file->settle_pending();
   // Every read of the source fails from now on: a compare would fail the
   // sync (the recheck after the commit only gives up).
   fake->fail_reads(EIO, -1);

@@ -54,7 +54,12 @@ class FileTest : public ::testing::Test {
     fake = fw.fake;
     file = fw.file;
   }
-  File::Info info() { return file->info(); }
+  // What an observer (status, stats) sees: pages a write may have left
+  // equal to the snapshot are settled first, as the daemon does.
+  File::Info info() {
+    file->settle_pending();
+    return file->info();
+  }
 
   Counters counters;
   FakeSource* fake = nullptr;
