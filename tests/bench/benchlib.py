@@ -142,6 +142,22 @@ def proc_cpu_seconds(pid):
         return float("nan")
 
 
+def fuse_daemon_pid(mnt):
+    """The pid of the process serving the FUSE mount at `mnt` (the one
+    holding /dev/fuse whose command line names the mount point), or None."""
+    mnt = os.path.realpath(mnt)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            if mnt in args and any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"
+                                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
 def median_spread(xs):
     return statistics.median(xs), min(xs), max(xs)
 
@@ -149,28 +165,33 @@ def median_spread(xs):
 class Mount:
     """A deferfs mount of `src` on `mnt` for the duration of a with-block."""
 
-    def __init__(self, src, mnt, opts="", state_dir=None):
+    def __init__(self, src, mnt, opts="", state_dir=None, binary=None):
         """`state_dir`: a private directory for the daemon's control socket, so
         that no other daemon started meanwhile on this shared machine can
-        sweep it as stale."""
+        sweep it as stale. `binary`: another program with deferfs's command
+        line (the peer, ../shared/peer/peer-deferfs); default deferfs."""
         if state_dir:
             os.makedirs(state_dir, exist_ok=True)
             opts = ",".join(o for o in (f"state_dir={state_dir}", opts) if o)
         self.src, self.mnt, self.opts = src, mnt, opts
+        self.binary = binary
         self.pid = None
 
+    def program(self):
+        return self.binary or DEFERFS
+
     def __enter__(self):
-        cmd = [DEFERFS, self.src, self.mnt] + (["-o", self.opts] if self.opts else [])
+        cmd = [self.program(), self.src, self.mnt] + (["-o", self.opts] if self.opts else [])
         sh(*cmd)
         try:
-            self.pid = self.stats()["pid"]
+            self.pid = self.stats().get("pid") or fuse_daemon_pid(self.mnt)
         except Exception:
             self.__exit__(None, None, None)
             raise
         return self
 
     def cli(self, *args, path=None):
-        out = subprocess.run([DEFERFS, *args, path or self.mnt], capture_output=True, text=True)
+        out = subprocess.run([self.program(), *args, path or self.mnt], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"deferfs {' '.join(args)}: rc {out.returncode}: {out.stderr.strip()}")
         return json.loads(out.stdout) if "--json" in args else out.stdout
@@ -194,7 +215,7 @@ class Mount:
 
     def __exit__(self, *exc):
         if mounted(self.mnt):
-            subprocess.run([DEFERFS, "umount", "--discard", self.mnt], capture_output=True, timeout=600)
+            subprocess.run([self.program(), "umount", "--discard", self.mnt], capture_output=True, timeout=600)
         if mounted(self.mnt):
             subprocess.run(["fusermount3", "-uz", self.mnt])
         if self.pid:
