@@ -37,8 +37,8 @@ class PhaseClock {
 
 struct Committer::Job {
   const CommitTarget* target;
-  std::unique_lock<std::mutex> commit_lock;
-  std::unique_lock<std::shared_mutex> gate;  // held from prepare to end_commit
+  std::unique_lock<Mutex> commit_lock;
+  std::unique_lock<SharedMutex> gate;  // held from prepare to end_commit
   CommitPlan plan;
   bool forced = false;
   SourceIdentity ours;  // the source as our own last step left it

@@ -20,7 +20,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   const uint64_t ps = page_size_;
   if (len == 0) return 0;
   if (off > std::numeric_limits<uint64_t>::max() - len) return -EFBIG;
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   const size_t asked = len;
   if (writeback) {
     if (off >= size_) return static_cast<ssize_t>(asked);  // all past the end: nothing to keep
@@ -35,17 +35,20 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   // kept) and wait out loads of any page in the range (I5). Repeat until it
   // holds with the lock held, as ensure_loaded may drop it.
   for (;;) {
-    if (off % ps && (rc = ensure_loaded(lk, first, first + 1)) < 0) return rc;
-    if (end % ps && (rc = ensure_loaded(lk, last - 1, last)) < 0) return rc;
-    bool busy = false;
-    for (uint64_t p = first; p < last && !busy; ++p) {
+    if (off % ps && (rc = ensure_loaded(first, first + 1)) < 0) return rc;
+    if (end % ps && (rc = ensure_loaded(last - 1, last)) < 0) return rc;
+    bool loading = false, unloaded = false;
+    for (uint64_t p = first; p < last && !loading; ++p) {
       PageState st = map_.state(p);
       bool partial = (p == first && off % ps) || (p == last - 1 && end % ps);
-      busy = is_loading(st) ||
-             (partial && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled));
+      loading = is_loading(st);
+      unloaded |= partial && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled);
     }
-    if (!busy) break;
-    loaded_cv_.wait(lk);
+    if (loading)
+      waiters_.wait(mutex_, first, last);  // a load of a page in the range settles
+    else if (!unloaded)
+      break;
+    // else a partial page went away while the lock was dropped: load it again
   }
 
   char* seg = segment_->data();
@@ -105,7 +108,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   }
   if (end > size_) size_ = end;
   touch_staged();
-  if (!candidates.empty()) settle_candidates(lk, candidates);
+  if (!candidates.empty()) settle_candidates(candidates);
   raise_cut_locked();
   return static_cast<ssize_t>(asked);
 }
@@ -126,16 +129,16 @@ void File::dirty_clean_page(uint64_t page) {
   e->base_hash = h;
 }
 
-void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages) {
+void File::settle_candidates(const std::vector<uint64_t>& pages) {
   const uint64_t ps = page_size_;
   const uint64_t gen = generation_;
   const uint64_t base_size = base_size_;
   const SourceIdentity expected = identity_;
-  lk.unlock();
   std::vector<char> base(pages.size() * ps, 0);
   bool ok = true;
   {
-    std::shared_lock gate(io_gate_);
+    MutexUnlock unlocked(mutex_);
+    ReaderLock gate(io_gate_);
     for (size_t i = 0; i < pages.size() && ok;) {
       size_t j = i + 1;
       while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
@@ -150,7 +153,6 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
     SourceIdentity now;
     ok = ok && (source_->stable() || (source_->identity(now) == 0 && now == expected));
   }
-  lk.lock();
   // Leaving a page Dirty is always safe: sync compares with the source again.
   if (!ok || generation_ != gen) return;
   for (size_t i = 0; i < pages.size(); ++i) {
@@ -171,8 +173,8 @@ void File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector
 
 int File::truncate(uint64_t new_size) {
   const uint64_t ps = page_size_;
-  std::lock_guard cm(commit_mutex_);
-  std::unique_lock lk(mutex_);
+  MutexLock cm(commit_mutex_);
+  MutexLock lk(mutex_);
   if (new_size == size_) return 0;
   int rc = segment_->reserve(new_size);
   if (rc < 0) return rc;
@@ -185,9 +187,9 @@ int File::truncate(uint64_t new_size) {
   if (new_size % ps) {
     const uint64_t pp = new_size / ps;
     for (;;) {
-      if ((rc = ensure_loaded(lk, pp, pp + 1)) < 0) return rc;
+      if ((rc = ensure_loaded(pp, pp + 1)) < 0) return rc;
       if (!is_loading(map_.state(pp))) break;
-      loaded_cv_.wait(lk);
+      waiters_.wait(mutex_, pp, pp + 1);
     }
     const PageState st = map_.state(pp);
     char* tail = segment_->data() + new_size;
@@ -219,8 +221,8 @@ int File::truncate(uint64_t new_size) {
 
 uint64_t File::discard() {
   const uint64_t ps = page_size_;
-  std::lock_guard cm(commit_mutex_);
-  std::unique_lock lk(mutex_);
+  MutexLock cm(commit_mutex_);
+  MutexLock lk(mutex_);
   uint64_t dropped = map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
                      map_.count(PageState::Spilled) + implicit_zero_pages_locked();
   const uint64_t beyond = div_up(base_size_, ps);
@@ -258,7 +260,7 @@ void File::touch_staged() {
 }
 
 void File::set_explicit_mtime(const struct timespec& mtime) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   if (!has_staged_locked()) return;
   staged_mtime_ = mtime;
   explicit_mtime_ = true;
