@@ -333,7 +333,7 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
 SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool force,
                              const Progress& progress) {
   SyncReport report;
-  std::lock_guard serial(sync_mutex_);
+  MutexLock serial(sync_mutex_);
   PhaseClock clock;
 
   // A journal left by a sync whose replay failed: finish it first, so this
