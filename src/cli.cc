@@ -16,6 +16,7 @@
 #include <string_view>
 #include <thread>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "deferfs/control.h"
@@ -45,29 +46,37 @@ struct CliArgs {
   std::vector<std::string> paths;
 };
 
-// Applies one flag of `a.command`; false if the command has no such flag.
-bool apply_flag(CliArgs& a, const std::string& flag) {
-  const std::string& c = a.command;
-  if (flag == "-h" || flag == "--help") return a.help = true;
-  if (flag == "--json" && c != "umount") return a.json = true;
-  if (flag == "--force" && c == "sync") return a.force = true;
-  if (flag == "--discard" && c == "umount") return a.discard = true;
-  return false;
-}
-
+// The subcommands and their flags, parsed by CLI11. CLI11's own help and
+// messages are off: usage errors name the subcommand and the option as
+// deferfs always has ("sync: unknown option '--bogus'"), help is
+// print_usage. "--" ends the flags; what follows it is a PATH.
 CliArgs parse_cli_args(const std::vector<std::string>& args) {
   CliArgs a;
-  a.command = args.at(0);
-  bool flags_done = false;
-  for (size_t i = 1; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (!flags_done && arg == "--") {
-      flags_done = true;
-    } else if (!flags_done && arg.size() > 1 && arg[0] == '-') {
-      if (!apply_flag(a, arg)) throw usage_error(a.command + ": unknown option '" + arg + "'");
-    } else {
-      a.paths.push_back(arg);
-    }
+  CLI::App app{"deferfs"};
+  app.set_help_flag();
+  app.require_subcommand(1);
+  for (const char* name : {"sync", "status", "discard", "stats", "umount"}) {
+    const std::string c = name;
+    CLI::App* sub = app.add_subcommand(c);
+    sub->set_help_flag();
+    sub->add_flag("-h,--help", a.help);
+    if (c != "umount") sub->add_flag("--json", a.json);
+    if (c == "sync") sub->add_flag("--force", a.force);
+    if (c == "umount") sub->add_flag("--discard", a.discard);
+    sub->add_option("PATH", a.paths);
+    sub->allow_extras();  // unknown options are reported below, by name
+  }
+  std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 takes them last first
+  try {
+    app.parse(reversed);
+  } catch (const CLI::ParseError& e) {
+    throw usage_error(args.at(0) + ": " + e.what());
+  }
+  const CLI::App* sub = app.get_subcommands().front();
+  a.command = sub->get_name();
+  for (const std::string& extra : sub->remaining()) {
+    if (extra != "--" && extra.size() > 1 && extra[0] == '-')
+      throw usage_error(a.command + ": unknown option '" + extra + "'");
   }
   if (a.help) return a;
   if (a.command == "stats" && a.paths.size() > 1) {
