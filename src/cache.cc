@@ -11,7 +11,7 @@ constexpr uint64_t kBatchBytes = uint64_t{4} << 20;
 }  // namespace
 
 void Cache::add(const std::shared_ptr<File>& file) {
-  std::lock_guard lk(files_mutex_);
+  MutexLock lk(files_mutex_);
   // Drop the entries of Files that are gone whenever the list doubles, so
   // it stays in proportion to the live Files (amortized O(1)).
   if (files_.size() >= 64 && files_.size() >= 2 * compacted_size_) {
@@ -23,7 +23,7 @@ void Cache::add(const std::shared_ptr<File>& file) {
 }
 
 std::vector<std::shared_ptr<File>> Cache::live_files() {
-  std::lock_guard lk(files_mutex_);
+  MutexLock lk(files_mutex_);
   std::vector<std::shared_ptr<File>> out;
   out.reserve(files_.size());
   std::vector<std::weak_ptr<File>> keep;
@@ -46,7 +46,7 @@ void Cache::balance(File* hint) {
   bool over_cache = cache_limit_ && clean > static_cast<int64_t>(cache_limit_);
   bool over_dirty = dirty_limit_ && dirty > static_cast<int64_t>(dirty_limit_);
   if (!over_cache && !over_dirty) return;
-  std::lock_guard serial(balance_mutex_);
+  MutexLock serial(balance_mutex_);
   clean = counters_.clean_bytes.load(std::memory_order_relaxed);
   dirty = counters_.dirty_mem_bytes.load(std::memory_order_relaxed);
   const int64_t slack_c = static_cast<int64_t>(std::min(kBatchBytes, cache_limit_ / 8));

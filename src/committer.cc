@@ -37,8 +37,8 @@ class PhaseClock {
 
 struct Committer::Job {
   const CommitTarget* target;
-  std::unique_lock<std::mutex> commit_lock;
-  std::unique_lock<std::shared_mutex> gate;  // held from prepare to end_commit
+  std::unique_lock<Mutex> commit_lock;
+  std::unique_lock<SharedMutex> gate;  // held from prepare to end_commit
   CommitPlan plan;
   bool forced = false;
   SourceIdentity ours;  // the source as our own last step left it
@@ -333,7 +333,7 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
 SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool force,
                              const Progress& progress) {
   SyncReport report;
-  std::lock_guard serial(sync_mutex_);
+  MutexLock serial(sync_mutex_);
   PhaseClock clock;
 
   // A journal left by a sync whose replay failed: finish it first, so this

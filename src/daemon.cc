@@ -45,12 +45,12 @@ Daemon::~Daemon() {
 }
 
 void Daemon::keep_handle(void* h, std::function<void()> free) {
-  std::lock_guard lk(handles_mutex_);
+  MutexLock lk(handles_mutex_);
   handles_.emplace(h, std::move(free));
 }
 
 void Daemon::drop_handle(void* h) {
-  std::lock_guard lk(handles_mutex_);
+  MutexLock lk(handles_mutex_);
   handles_.erase(h);
 }
 
@@ -82,25 +82,24 @@ void Daemon::start_threads() {
 }
 
 void Daemon::prefetch_loop() {
-  std::unique_lock lk(notify_mutex_);
+  MutexLock lk(notify_mutex_);
   for (;;) {
-    prefetch_cv_.wait(lk, [this] { return notify_stop_ || !prefetch_queue_.empty(); });
+    while (!notify_stop_ && prefetch_queue_.empty()) prefetch_cv_.wait(notify_mutex_);
     if (notify_stop_) return;
     PrefetchJob job = std::move(prefetch_queue_.front());
     prefetch_queue_.pop_front();
-    lk.unlock();
+    MutexUnlock unlocked(notify_mutex_);
     if (std::shared_ptr<File> file = job.file.lock()) {
       file->prefetch(job.first, job.last);
       cache_.balance(file.get());
     }
-    lk.lock();
   }
 }
 
 void Daemon::stop_threads() {
   control_.reset();
   {
-    std::lock_guard lk(notify_mutex_);
+    MutexLock lk(notify_mutex_);
     notify_stop_ = true;
   }
   notify_cv_.notify_all();
@@ -111,7 +110,7 @@ void Daemon::stop_threads() {
 
 void Daemon::queue_invalidate(uint64_t nodeid) {
   {
-    std::lock_guard lk(notify_mutex_);
+    MutexLock lk(notify_mutex_);
     notify_queue_.push_back(nodeid);
   }
   notify_cv_.notify_one();
@@ -143,16 +142,15 @@ void Daemon::refresh_kernel_view(const Inode& inode) {
 }
 
 void Daemon::notifier_loop() {
-  std::unique_lock lk(notify_mutex_);
+  MutexLock lk(notify_mutex_);
   for (;;) {
-    notify_cv_.wait(lk, [this] { return notify_stop_ || !notify_queue_.empty(); });
+    while (!notify_stop_ && notify_queue_.empty()) notify_cv_.wait(notify_mutex_);
     if (notify_stop_) return;
     uint64_t nodeid = notify_queue_.front();
     notify_queue_.pop_front();
-    lk.unlock();
+    MutexUnlock unlocked(notify_mutex_);
     // -ENOENT: the kernel no longer knows the inode; nothing cached then.
     if (se_) fuse_lowlevel_notify_inval_inode(se_, nodeid, 0, 0);
-    lk.lock();
   }
 }
 
@@ -174,7 +172,7 @@ void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
   uint64_t nodeid = inodes_.nodeid(inode);
   file->set_readahead(opts_.readahead, [this](std::weak_ptr<File> f, uint64_t first, uint64_t last) {
     {
-      std::lock_guard lk(notify_mutex_);
+      MutexLock lk(notify_mutex_);
       if (prefetch_queue_.size() >= 64) return;  // a hint: drop when busy
       prefetch_queue_.push_back({std::move(f), first, last});
     }
@@ -191,7 +189,7 @@ void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
 void Daemon::keep_snapshot(Inode& inode) {
   std::shared_ptr<File> file;
   {
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     if (!inode.file || inode.file->handles.load() != 0 || inode.file->has_staged_now()) return;
     file = std::move(inode.file);
   }
@@ -203,7 +201,7 @@ void Daemon::keep_snapshot(Inode& inode) {
 std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) {
   // The name first: rel_path may take inode.m itself.
   const std::string name = rel_path(inode);
-  std::lock_guard lk(inode.m);
+  MutexLock lk(inode.m);
   keep_cache = false;
   if (!inode.file) {
     if (std::shared_ptr<File> kept = kept_.take(inode.dev, inode.ino)) {
@@ -266,7 +264,7 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
 int Daemon::commit_one(Inode& inode) {
   std::shared_ptr<File> file;
   {
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     file = inode.file;
   }
   if (!file) return 0;
@@ -283,7 +281,7 @@ int Daemon::commit_one(Inode& inode) {
 void Daemon::released(Inode& inode) {
   std::shared_ptr<File> file;
   {
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     file = inode.file;
   }
   if (!file || file->handles.load() != 0) return;
@@ -292,7 +290,7 @@ void Daemon::released(Inode& inode) {
     // Unlinked on the source and closed everywhere: the data has no name
     // left to be committed to (spec 6.6).
     file->discard();
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     if (file->handles.load() == 0) inode.file.reset();
   }
   inodes_.prune(inode);
@@ -313,7 +311,7 @@ void Daemon::metadata_changed(dev_t dev, ino_t ino, bool times_set) {
 void Daemon::metadata_changed(Inode& inode, bool times_set) {
   std::shared_ptr<File> file;
   {
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     file = inode.file;
   }
   if (file) file->adopt_metadata_change(times_set);

@@ -34,7 +34,7 @@ std::vector<CommitTarget> Daemon::targets(const std::vector<std::string>& paths,
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
-      std::lock_guard lk(inode->m);
+      MutexLock lk(inode->m);
       file = inode->file;
     }
     if (!file || (staged_only && !file->has_staged_now())) continue;
@@ -57,7 +57,7 @@ SyncReport Daemon::sync(const std::vector<std::string>& paths, bool force, const
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
-      std::lock_guard lk(inode->m);
+      MutexLock lk(inode->m);
       file = inode->file;
     }
     if (!file) continue;
@@ -105,7 +105,7 @@ DiscardReport Daemon::discard(const std::vector<std::string>& paths) {
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
-      std::lock_guard lk(inode->m);
+      MutexLock lk(inode->m);
       file = inode->file;
     }
     if (!file || !file->has_staged()) continue;
@@ -131,7 +131,7 @@ StatsReport Daemon::stats() {
   for (const auto& inode : inodes_.with_files()) {
     std::shared_ptr<File> file;
     {
-      std::lock_guard lk(inode->m);
+      MutexLock lk(inode->m);
       file = inode->file;
     }
     if (!file) continue;

@@ -32,7 +32,7 @@ std::string Daemon::rel_path(const Inode& inode, int depth) {
     std::pair<dev_t, ino_t> parent;
     std::string name;
     {
-      std::lock_guard lk(const_cast<Inode&>(inode).m);
+      MutexLock lk(const_cast<Inode&>(inode).m);
       parent = inode.parent;
       name = inode.name;
     }

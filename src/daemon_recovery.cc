@@ -49,7 +49,7 @@ void Daemon::recover_persisted() {
       auto file = std::make_shared<File>(std::make_unique<FdSource>(fd, writable), counters_, rel,
                                          std::move(meta), seg_path, restored);
       {
-        std::lock_guard lk(inode->m);
+        MutexLock lk(inode->m);
         inode->file = file;
       }
       attach(*inode, file);
@@ -79,7 +79,7 @@ void Daemon::recover_persisted() {
     if (std::sscanf(n.c_str() + (spill ? 6 : 5), "%llu.%llu", &dev, &ino) != 2) continue;
     std::shared_ptr<Inode> in = inodes_.find(static_cast<dev_t>(dev), static_cast<ino_t>(ino));
     bool used = in && [&] {
-      std::lock_guard lk(in->m);
+      MutexLock lk(in->m);
       return in->file != nullptr;
     }();
     // Staged state that still names it (a live daemon of the same source,

@@ -47,6 +47,7 @@ File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counter
     }
   }
   if (!segment_) segment_ = std::make_unique<Segment>(name_, size_);
+  MutexLock lk(mutex_);
   persist_header_locked();
 }
 
@@ -74,7 +75,7 @@ File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
   segment_ = std::make_unique<Segment>(segment_path, size_, true);
   // Rebuild the staged pages; everything else in the segment (clean pages
   // of the old daemon, unknown now) is given back.
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   uint64_t next_free = 0;
   restored = 0;
   for (uint64_t p : meta_->staged_pages()) {
@@ -96,7 +97,7 @@ File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
 }
 
 File::~File() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   // Staged data outlives us (spec 6.5: a failed sync at unmount): keep the
   // named segment, metadata and spill file for the next mount.
   const bool keep = meta_ && has_staged_locked();
@@ -172,14 +173,19 @@ void File::persist_header_locked() {
   h.source_root[n] = 0;
 }
 
+std::string File::name() const {
+  MutexLock lk(mutex_);
+  return name_;
+}
+
 void File::set_name(std::string name) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   name_ = std::move(name);
   persist_header_locked();
 }
 
 void File::set_invalidate_hook(std::function<void()> hook) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   invalidate_hook_ = std::move(hook);
 }
 
@@ -187,10 +193,10 @@ const char* File::page_bytes(uint64_t page) const { return segment_->data() + pa
 
 bool File::page_is_zero(uint64_t page) const { return all_zero(page_bytes(page), page_size_); }
 
-ssize_t File::load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len) {
+ssize_t File::load_for_read_locked(uint64_t off, size_t len) {
   if (off >= size_ || len == 0) return 0;
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  int rc = ensure_loaded(lk, off / page_size_, div_up(off + len, page_size_));
+  int rc = ensure_loaded(off / page_size_, div_up(off + len, page_size_));
   if (rc < 0) return rc;
   if (off >= size_) return 0;  // ensure_loaded may have dropped the lock
   return static_cast<ssize_t>(std::min<uint64_t>(len, size_ - off));
@@ -198,8 +204,8 @@ ssize_t File::load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t of
 
 ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
   const uint64_t ps = page_size_;
-  std::unique_lock lk(mutex_);
-  const ssize_t got = load_for_read_locked(lk, off, len);
+  MutexLock lk(mutex_);
+  const ssize_t got = load_for_read_locked(off, len);
   if (got <= 0) return got;
   len = static_cast<size_t>(got);
   for (uint64_t p = off / ps; p * ps < off + len; ++p) {
@@ -229,12 +235,12 @@ bool File::has_staged() {
 }
 
 bool File::has_staged_now() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return has_staged_locked();
 }
 
 bool File::in_conflict() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return conflict_;
 }
 
@@ -279,7 +285,7 @@ void File::resnapshot_locked(const SourceIdentity& now) {
 }
 
 File::Validity File::revalidate() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   SourceIdentity now;
   if (source_->identity(now) < 0) return conflict_ ? Validity::Conflict : Validity::Unchanged;
   if (now == identity_) return conflict_ ? Validity::Conflict : Validity::Unchanged;
@@ -294,11 +300,11 @@ File::Validity File::revalidate() {
 
 ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
   const uint64_t ps = page_size_;
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   if (off >= size_ || len == 0) return 0;
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
   const uint64_t first = off / ps, last = div_up(off + len, ps);
-  int rc = ensure_loaded(lk, first, last);
+  int rc = ensure_loaded(first, last);
   if (rc < 0) return rc;
   // ensure_loaded may have dropped the lock: the size may have changed.
   if (off >= size_) return 0;
@@ -318,8 +324,8 @@ ssize_t File::read(uint64_t off, size_t len, std::vector<iovec>& out) {
 }
 
 ssize_t File::read_into(uint64_t off, size_t len, char* out) {
-  std::unique_lock lk(mutex_);
-  const ssize_t got = load_for_read_locked(lk, off, len);
+  MutexLock lk(mutex_);
+  const ssize_t got = load_for_read_locked(off, len);
   if (got <= 0) return got;
   len = static_cast<size_t>(got);
   copy_out_locked(off, len, out);
@@ -342,7 +348,7 @@ void File::copy_out_locked(uint64_t off, size_t len, char* out) {
 }
 
 File::Info File::info() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   Info i;
   i.size = size_;
   i.dirty_pages = map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +

@@ -18,7 +18,7 @@ using namespace file_detail;
 
 CommitPlan File::begin_commit() {
   const uint64_t ps = page_size_;
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   CommitPlan plan;
   plan.final_size = size_;
   plan.source_size = base_size_;
@@ -57,7 +57,7 @@ CommitPlan File::begin_commit() {
 }
 
 void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   for (uint64_t p : plan.pages) {
     PageEntry* e = map_.find(p);
     if (!e) continue;  // cut by a truncate meanwhile (not possible under commit_mutex)
@@ -108,7 +108,7 @@ void File::end_commit(const CommitPlan& plan, bool ok, bool forced, const Source
 
 bool File::recheck_after_commit(uint64_t max_pages, bool force) {
   const uint64_t ps = page_size_;
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   bool changed = force;
   if (!changed) {
     std::vector<uint64_t> clean = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
@@ -116,12 +116,14 @@ bool File::recheck_after_commit(uint64_t max_pages, bool force) {
     });
     if (clean.empty() || clean.size() > max_pages) return false;
     const uint64_t gen = generation_;
-    lk.unlock();
     std::vector<char> bytes(clean.size() * ps, 0);
     std::vector<ReadRequest> reads;
     for (size_t i = 0; i < clean.size(); ++i) reads.push_back({bytes.data() + i * ps, ps, clean[i] * ps});
-    int rc = source_->read_batch_live(reads);
-    lk.lock();
+    int rc;
+    {
+      MutexUnlock unlocked(mutex_);
+      rc = source_->read_batch_live(reads);
+    }
     if (rc < 0 || generation_ != gen) return false;
     for (size_t i = 0; i < clean.size() && !changed; ++i) {
       if (map_.state(clean[i]) != PageState::Clean) continue;  // changed by a write meanwhile
@@ -145,19 +147,19 @@ bool File::recheck_after_commit(uint64_t max_pages, bool force) {
 }
 
 bool File::take_stale_kernel_cache() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   bool stale = stale_kernel_cache_;
   stale_kernel_cache_ = false;
   return stale;
 }
 
 SourceIdentity File::identity() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return identity_;
 }
 
 void File::mark_conflict() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   if (!conflict_)
     log_error("%s: changed outside the mount during a sync (conflict): "
               "`deferfs sync --force` writes the staged pages over it, "
@@ -166,7 +168,7 @@ void File::mark_conflict() {
 }
 
 void File::adopt_metadata_change(bool times_set) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   SourceIdentity now;
   if (source_->identity(now) < 0 || now == identity_) return;
   const bool same_data = now.dev == identity_.dev && now.ino == identity_.ino && now.size == identity_.size &&

@@ -26,7 +26,7 @@ namespace deferfs::fuse_detail {
 void overlay(Inode& inode, struct stat& st) {
   std::shared_ptr<File> file;
   {
-    std::lock_guard lk(inode.m);
+    MutexLock lk(inode.m);
     file = inode.file;
   }
   if (!file) return;
@@ -190,7 +190,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
     if (!err && (valid & FUSE_SET_ATTR_MTIME) && inode.type == S_IFREG) {
       std::shared_ptr<File> file;
       {
-        std::lock_guard lk(inode.m);
+        MutexLock lk(inode.m);
         file = inode.file;
       }
       struct timespec m = tv[1];

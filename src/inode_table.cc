@@ -14,6 +14,19 @@ InodeTable::InodeTable(int root_fd) {
   root_->nlookup = 1;
 }
 
+InodeTable::~InodeTable() {
+  // Each Inode holds the table's reference to itself: give them up, and
+  // let them (and their Files) go once the table's lock is released.
+  std::vector<std::shared_ptr<Inode>> refs;
+  MutexLock lk(m_);
+  inodes_.clear_and_dispose([&refs](Inode* inode) { refs.push_back(std::move(inode->table_ref)); });
+}
+
+std::shared_ptr<Inode> InodeTable::unlink(Inode& inode) {
+  inodes_.erase(inodes_.iterator_to(inode));
+  return std::move(inode.table_ref);
+}
+
 Inode& InodeTable::get(uint64_t nodeid) {
   if (nodeid == FUSE_ROOT_ID) return *root_;
   return *reinterpret_cast<Inode*>(nodeid);
@@ -25,28 +38,28 @@ uint64_t InodeTable::nodeid(const Inode& inode) const {
 }
 
 std::shared_ptr<Inode> InodeTable::lookup(int fd, const struct stat& st) {
-  std::lock_guard lk(m_);
+  MutexLock lk(m_);
   if (st.st_dev == root_->dev && st.st_ino == root_->ino) {
     close(fd);
     ++root_->nlookup;
     return root_;
   }
-  auto key = std::make_pair(st.st_dev, st.st_ino);
-  auto it = inodes_.find(key);
+  auto it = inodes_.find(std::make_pair(st.st_dev, st.st_ino));
   if (it != inodes_.end()) {
     close(fd);
-    ++it->second->nlookup;
-    return it->second;
+    ++it->nlookup;
+    return it->table_ref;
   }
   auto inode = std::make_shared<Inode>(fd, st);
   inode->nlookup = 1;
-  inodes_.emplace(key, inode);
+  inode->table_ref = inode;
+  inodes_.insert(*inode);
   return inode;
 }
 
 bool InodeTable::removable(Inode& inode) {
   if (inode.nlookup.load() != 0) return false;
-  std::lock_guard fl(inode.m);
+  MutexLock fl(inode.m);
   return !inode.file || (inode.file->handles.load() == 0 && !inode.file->has_staged_now());
 }
 
@@ -54,12 +67,11 @@ void InodeTable::forget(uint64_t nodeid, uint64_t n) {
   if (nodeid == FUSE_ROOT_ID) return;
   std::shared_ptr<Inode> gone;
   {
-    std::lock_guard lk(m_);
+    MutexLock lk(m_);
     Inode& inode = get(nodeid);
     inode.nlookup -= std::min<uint64_t>(n, inode.nlookup.load());
     if (!removable(inode)) return;
-    auto it = inodes_.find({inode.dev, inode.ino});
-    if (it != inodes_.end() && it->second.get() == &inode) gone = std::move(it->second), inodes_.erase(it);
+    if (inode.is_linked()) gone = unlink(inode);
   }
   released(std::move(gone));
 }
@@ -67,11 +79,10 @@ void InodeTable::forget(uint64_t nodeid, uint64_t n) {
 void InodeTable::prune(const Inode& inode) {
   std::shared_ptr<Inode> gone;
   {
-    std::lock_guard lk(m_);
-    auto it = inodes_.find({inode.dev, inode.ino});
-    if (it == inodes_.end() || it->second.get() != &inode || !removable(*it->second)) return;
-    gone = std::move(it->second);
-    inodes_.erase(it);
+    MutexLock lk(m_);
+    Inode& in = const_cast<Inode&>(inode);  // ours: it is in the table
+    if (!in.is_linked() || !removable(in)) return;
+    gone = unlink(in);
   }
   released(std::move(gone));
 }
@@ -81,23 +92,23 @@ void InodeTable::released(std::shared_ptr<Inode> inode) {
 }
 
 std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {
-  std::lock_guard lk(m_);
-  auto it = inodes_.find({dev, ino});
-  return it == inodes_.end() ? nullptr : it->second;
+  MutexLock lk(m_);
+  auto it = inodes_.find(std::make_pair(dev, ino));
+  return it == inodes_.end() ? nullptr : it->table_ref;
 }
 
 void InodeTable::named(Inode& inode, const Inode& parent, const std::string& name) {
-  std::lock_guard lk(inode.m);
+  MutexLock lk(inode.m);
   inode.parent = {parent.dev, parent.ino};
   inode.name = name;
 }
 
 std::vector<std::shared_ptr<Inode>> InodeTable::with_files() {
   std::vector<std::shared_ptr<Inode>> out;
-  std::lock_guard lk(m_);
-  for (auto& [key, inode] : inodes_) {
-    std::lock_guard fl(inode->m);
-    if (inode->file) out.push_back(inode);
+  MutexLock lk(m_);
+  for (Inode& inode : inodes_) {
+    MutexLock fl(inode.m);
+    if (inode.file) out.push_back(inode.table_ref);
   }
   return out;
 }

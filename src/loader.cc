@@ -7,10 +7,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
 #include "deferfs/file.h"
+#include "deferfs/loader.h"
 #include "deferfs/log.h"
 #include "file_internal.h"
 
@@ -18,13 +21,16 @@ namespace deferfs {
 
 using namespace file_detail;
 
-int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole) {
-  const uint64_t ps = page_size_;
+// ---------------------------------------------------------------- the parts that know nothing of File
+
+int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t first, uint64_t count,
+             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded) {
+  const uint64_t ps = page_size;
   uint64_t off = first * ps;
   const uint64_t end = std::min((first + count) * ps, base_size);
-  char* seg = segment_->data();
+  char* seg = segment.data();
   while (off < end) {
-    int64_t d = source_->next_data(off);
+    int64_t d = source.next_data(off);
     if (d < 0) return static_cast<int>(d);
     uint64_t data = std::max<uint64_t>(static_cast<uint64_t>(d), off);
     // Pages whose bytes (up to the end of the file) all lie in [off, data)
@@ -32,27 +38,78 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
     for (uint64_t p = div_up(off, ps); p < first + count && p * ps < std::min(data, end); ++p)
       if (std::min((p + 1) * ps, base_size) <= data) hole[p - first] = 1;
     if (data >= end) break;
-    int64_t h = source_->next_hole(data);
+    int64_t h = source.next_hole(data);
     if (h < 0) return static_cast<int>(h);
     uint64_t read_start = std::max(off, data / ps * ps);
     uint64_t read_end = std::min(end, div_up(std::max<uint64_t>(static_cast<uint64_t>(h), data + 1), ps) * ps);
     // Allocate the segment's pages and map them in one call: left to the
     // read's copy, each 4 KiB page costs a page fault (profile of a cold
     // sequential read: a quarter of the daemon's time).
-    segment_->populate(read_start, div_up(read_end, ps) * ps - read_start);
-    ssize_t n = source_->load(seg + read_start, read_end - read_start, read_start);
+    segment.populate(read_start, div_up(read_end, ps) * ps - read_start);
+    ssize_t n = source.load(seg + read_start, read_end - read_start, read_start);
     if (n < 0) return static_cast<int>(n);
     if (static_cast<uint64_t>(n) < read_end - read_start) return -ESTALE;  // source shrank
     // The last page past the end of the file reads as zeros, whatever its
     // memory held (a punch may still be deferred).
     if (read_end % ps) std::memset(seg + read_end, 0, ps - read_end % ps);
-    counters_.loaded_bytes.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+    loaded += static_cast<uint64_t>(n);
     off = read_end;
   }
   return 0;
 }
 
-int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch) {
+LoadWaiters::~LoadWaiters() {
+  if (!list_.empty()) {  // a waiter holds a reference to the file: impossible
+    std::fprintf(stderr, "deferfs: BUG: a file went away with %zu requests waiting for its pages\n", list_.size());
+    std::abort();
+  }
+}
+
+void LoadWaiters::wait(Mutex& mu, uint64_t first, uint64_t last) {
+  Waiter w;
+  w.first = first;
+  w.last = last;
+  list_.push_back(w);
+  // wake() unlinks us before it signals, under mu: once woken, w is ours.
+  while (!w.woken) w.cv.wait(mu);
+}
+
+void LoadWaiters::wake(const std::vector<uint64_t>& settled) {
+  if (settled.empty()) return;
+  for (auto it = list_.begin(); it != list_.end();) {
+    Waiter& w = *it;
+    auto hit = std::lower_bound(settled.begin(), settled.end(), w.first);
+    if (hit != settled.end() && *hit < w.last) {
+      it = list_.erase(it);
+      w.woken = true;
+      w.cv.notify_one();
+    } else {
+      ++it;
+    }
+  }
+}
+
+std::pair<uint64_t, uint64_t> Readahead::follow(uint64_t off, uint64_t len, uint64_t limit) {
+  const uint64_t end = off + len;
+  if (off == next_) {
+    window_ = window_ ? std::min(window_ * 2, max_) : std::min<uint64_t>(128 << 10, max_);
+  } else {
+    window_ = 0;  // a seek: random access loads only what it touches
+    issued_ = 0;
+  }
+  next_ = end;
+  if (window_ == 0) return {0, 0};
+  // The window past this read, less what was handed out already.
+  const uint64_t from = std::max(end, issued_);
+  const uint64_t to = std::min(end + window_, limit);
+  if (from >= to) return {0, 0};
+  issued_ = to;
+  return {from, to};
+}
+
+// ---------------------------------------------------------------- File's loading
+
+int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
   const uint64_t ps = page_size_;
   for (;;) {
     std::vector<uint64_t> mine;
@@ -70,7 +127,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
     }
     if (mine.empty() && !others_loading) return 0;
     if (mine.empty()) {
-      loaded_cv_.wait(lk);
+      waiters_.wait(mutex_, first, last);
       continue;
     }
     if (conflict_ && from_source && !source_->stable()) {
@@ -87,34 +144,37 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
     const int spill_fd = spill_fd_;
 
     // I/O with the lock released; I5: only we write these pages' bytes.
-    lk.unlock();
     std::vector<char> hole(mine.size(), 0);
     int rc = 0, spill_rc = 0;
-    for (size_t i = 0; i < mine.size(); ++i) {
-      if (!from_spill[i]) continue;
-      ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
-      if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
-    }
-    if (from_source) {
-      std::shared_lock gate(io_gate_);
-      for (size_t i = 0; i < mine.size() && rc == 0;) {
-        if (from_spill[i]) {
-          ++i;
-          continue;
-        }
-        size_t j = i + 1;
-        while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
-        std::vector<char> run_hole(j - i, 0);
-        rc = load_run(mine[i], j - i, base_size, run_hole);
-        std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
-        i = j;
+    uint64_t loaded = 0;
+    {
+      MutexUnlock unlocked(mutex_);
+      for (size_t i = 0; i < mine.size(); ++i) {
+        if (!from_spill[i]) continue;
+        ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+        if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
       }
-      // The guard of spec 5.2: trust what was read only if the source is
-      // still the snapshot's version (a reflink clone cannot change).
-      SourceIdentity now;
-      if (rc == 0 && !source_->stable() && (rc = source_->identity(now)) == 0 && now != expected) rc = -ESTALE;
+      if (from_source) {
+        ReaderLock gate(io_gate_);
+        for (size_t i = 0; i < mine.size() && rc == 0;) {
+          if (from_spill[i]) {
+            ++i;
+            continue;
+          }
+          size_t j = i + 1;
+          while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
+          std::vector<char> run_hole(j - i, 0);
+          rc = load_run(*source_, *segment_, ps, mine[i], j - i, base_size, run_hole, loaded);
+          std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
+          i = j;
+        }
+        // The guard of spec 5.2: trust what was read only if the source is
+        // still the snapshot's version (a reflink clone cannot change).
+        SourceIdentity now;
+        if (rc == 0 && !source_->stable() && (rc = source_->identity(now)) == 0 && now != expected) rc = -ESTALE;
+      }
     }
-    lk.lock();
+    counters_.loaded_bytes.fetch_add(loaded, std::memory_order_relaxed);
 
     for (size_t i = 0; i < mine.size(); ++i) {
       const uint64_t p = mine[i];
@@ -142,7 +202,7 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
         if (touch) e->flags |= PageEntry::kReferenced;
       }
     }
-    loaded_cv_.notify_all();
+    waiters_.wake(mine);
     if (spill_rc < 0) {
       log_error("%s: reading staged pages back from the spill file failed: %s", name_.c_str(),
                 std::strerror(-spill_rc));
@@ -168,39 +228,26 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
 }
 
 void File::set_readahead(uint64_t max, PrefetchHook prefetch) {
-  std::lock_guard lk(mutex_);
-  ra_max_ = max;
+  MutexLock lk(mutex_);
+  readahead_.set_max(max);
   prefetch_hook_ = std::move(prefetch);
 }
 
 void File::note_read_locked(uint64_t off, uint64_t len) {
-  if (ra_max_ == 0 || !prefetch_hook_) return;
+  if (readahead_.max() == 0 || !prefetch_hook_) return;
   const uint64_t ps = page_size_;
-  const uint64_t end = off + len;
-  if (off == ra_next_) {
-    ra_window_ = ra_window_ ? std::min(ra_window_ * 2, ra_max_) : std::min<uint64_t>(128 << 10, ra_max_);
-  } else {
-    ra_window_ = 0;  // a seek: random access loads only what it touches
-    ra_issued_ = 0;
-  }
-  ra_next_ = end;
-  if (ra_window_ == 0) return;
-  // The window past this read, less what was handed out already; only the
-  // source's part (below the cut) needs loading.
-  const uint64_t from = std::max(end, ra_issued_);
-  const uint64_t to = std::min(end + ra_window_, cut_);
+  const auto [from, to] = readahead_.follow(off, len, cut_);
   if (from >= to) return;
   uint64_t first = from / ps, last = div_up(to, ps);
   bool any_absent = false;
   for (uint64_t p = first; p < last && !any_absent; ++p) any_absent = map_.state(p) == PageState::Absent;
-  ra_issued_ = to;
   if (any_absent) prefetch_hook_(weak_from_this(), first, last);
 }
 
 int File::prefetch(uint64_t first, uint64_t last) {
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   if (conflict_) return -EIO;
-  return ensure_loaded(lk, first, last, /*touch=*/false);
+  return ensure_loaded(first, last, /*touch=*/false);
 }
 
 }  // namespace deferfs

@@ -25,7 +25,7 @@ void File::punch_locked(uint64_t off, uint64_t len) {
 }
 
 void File::unpin() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   if (--pins_ > 0 || pending_punch_.empty()) return;
   // Nobody sends from the segment now: free what was deferred, except pages
   // that became resident (or are being loaded) again meanwhile.
@@ -58,7 +58,7 @@ void File::drop_page(uint64_t page) {
 int File::read_spilled(uint64_t page, char* out) {
   int fd;
   {
-    std::lock_guard lk(mutex_);
+    MutexLock lk(mutex_);
     fd = spill_fd_;
   }
   if (fd < 0) return -EIO;
@@ -69,7 +69,7 @@ int File::read_spilled(uint64_t page, char* out) {
 }
 
 void File::set_spill_opener(std::function<int()> opener, std::function<void()> remover) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   spill_opener_ = std::move(opener);
   spill_remover_ = std::move(remover);
   if (map_.count(PageState::Spilled) > 0 && ensure_spill_file_locked() < 0)
@@ -86,26 +86,27 @@ int File::ensure_spill_file_locked() {
 }
 
 uint64_t File::clean_pages() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return map_.count(PageState::Clean);
 }
 
 uint64_t File::dirty_resident_pages() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return map_.count(PageState::Dirty);
 }
 
 uint64_t File::evict_clean(uint64_t max_pages) {
   const uint64_t ps = page_size_;
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   std::vector<uint64_t> victims;
   // Two turns of the clock at most: the first clears reference bits.
   size_t budget = map_.capacity() * 2;
+  const uint64_t cut = cut_;  // the sweep's callback runs under our lock, but the analysis cannot see it
   while (victims.size() < max_pages && budget > 0) {
     size_t step = std::min<size_t>(budget, 4096);
     budget -= map_.sweep(clock_hand_, step, [&](uint64_t p, PageEntry& e) {
       // A Clean page at or above the cut would read as zeros once Absent.
-      if (victims.size() >= max_pages || e.state != PageState::Clean || p * ps >= cut_) return;
+      if (victims.size() >= max_pages || e.state != PageState::Clean || p * ps >= cut) return;
       if (e.flags & PageEntry::kReferenced)
         e.flags &= static_cast<uint8_t>(~PageEntry::kReferenced);
       else
@@ -120,7 +121,7 @@ uint64_t File::evict_clean(uint64_t max_pages) {
 int64_t File::spill_dirty(uint64_t max_pages) {
   const uint64_t ps = page_size_;
   settle_pending();  // pages equal to the snapshot are not worth a spill
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   if (int rc = ensure_spill_file_locked(); rc < 0) return rc;
   std::vector<uint64_t> victims = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
     return e.state == PageState::Dirty && !(e.flags & PageEntry::kSpilling);
@@ -129,27 +130,28 @@ int64_t File::spill_dirty(uint64_t max_pages) {
   if (victims.empty()) return 0;
   for (uint64_t p : victims) map_.find(p)->flags |= PageEntry::kSpilling;
   const int fd = spill_fd_;
-  lk.unlock();
   // Copy out with the lock released; a write meanwhile clears kSpilling and
   // the page then stays Dirty in memory (the copy is stale, never used).
   int rc = 0;
-  for (size_t i = 0; i < victims.size() && rc == 0;) {
-    size_t j = i + 1;
-    while (j < victims.size() && j - i < 256 && victims[j] == victims[j - 1] + 1) ++j;
-    const char* from = page_bytes(victims[i]);
-    size_t len = (j - i) * ps;
-    for (size_t done = 0; done < len;) {
-      ssize_t n = pwrite(fd, from + done, len - done, static_cast<off_t>(victims[i] * ps + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        rc = n < 0 ? -errno : -EIO;
-        break;
+  {
+    MutexUnlock unlocked(mutex_);
+    for (size_t i = 0; i < victims.size() && rc == 0;) {
+      size_t j = i + 1;
+      while (j < victims.size() && j - i < 256 && victims[j] == victims[j - 1] + 1) ++j;
+      const char* from = page_bytes(victims[i]);
+      size_t len = (j - i) * ps;
+      for (size_t done = 0; done < len;) {
+        ssize_t n = pwrite(fd, from + done, len - done, static_cast<off_t>(victims[i] * ps + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          rc = n < 0 ? -errno : -EIO;
+          break;
+        }
+        done += static_cast<size_t>(n);
       }
-      done += static_cast<size_t>(n);
+      i = j;
     }
-    i = j;
   }
-  lk.lock();
   int64_t spilled = 0;
   for (uint64_t p : victims) {
     PageEntry* e = map_.find(p);

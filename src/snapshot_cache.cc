@@ -22,7 +22,7 @@ size_t SnapshotCache::default_max_files() {
 
 void SnapshotCache::keep(dev_t dev, ino_t ino, std::shared_ptr<File> file) {
   std::vector<std::shared_ptr<File>> dead;  // destroyed after the lock
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   const Key key{dev, ino};
   if (auto it = entries_.find(key); it != entries_.end()) {
     // A second snapshot of the same source (opened while the first was on
@@ -47,7 +47,7 @@ void SnapshotCache::keep(dev_t dev, ino_t ino, std::shared_ptr<File> file) {
 }
 
 std::shared_ptr<File> SnapshotCache::take(dev_t dev, ino_t ino) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   auto it = entries_.find({dev, ino});
   if (it == entries_.end()) return nullptr;
   std::shared_ptr<File> file = std::move(it->second.file);
@@ -61,12 +61,12 @@ void SnapshotCache::drop(dev_t dev, ino_t ino) {
 }
 
 size_t SnapshotCache::size() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   return entries_.size();
 }
 
 std::vector<std::shared_ptr<File>> SnapshotCache::files() {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   std::vector<std::shared_ptr<File>> out;
   out.reserve(entries_.size());
   for (auto& [key, e] : entries_) out.push_back(e.file);

@@ -20,7 +20,7 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   const uint64_t ps = page_size_;
   if (len == 0) return 0;
   if (off > std::numeric_limits<uint64_t>::max() - len) return -EFBIG;
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   const size_t asked = len;
   if (writeback) {
     if (off >= size_) return static_cast<ssize_t>(asked);  // all past the end: nothing to keep
@@ -35,17 +35,20 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   // kept) and wait out loads of any page in the range (I5). Repeat until it
   // holds with the lock held, as ensure_loaded may drop it.
   for (;;) {
-    if (off % ps && (rc = ensure_loaded(lk, first, first + 1)) < 0) return rc;
-    if (end % ps && (rc = ensure_loaded(lk, last - 1, last)) < 0) return rc;
-    bool busy = false;
-    for (uint64_t p = first; p < last && !busy; ++p) {
+    if (off % ps && (rc = ensure_loaded(first, first + 1)) < 0) return rc;
+    if (end % ps && (rc = ensure_loaded(last - 1, last)) < 0) return rc;
+    bool loading = false, unloaded = false;
+    for (uint64_t p = first; p < last && !loading; ++p) {
       PageState st = map_.state(p);
       bool partial = (p == first && off % ps) || (p == last - 1 && end % ps);
-      busy = is_loading(st) ||
-             (partial && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled));
+      loading = is_loading(st);
+      unloaded |= partial && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled);
     }
-    if (!busy) break;
-    loaded_cv_.wait(lk);
+    if (loading)
+      waiters_.wait(mutex_, first, last);  // a load of a page in the range settles
+    else if (!unloaded)
+      break;
+    // else a partial page went away while the lock was dropped: load it again
   }
 
   char* seg = segment_->data();
@@ -111,11 +114,11 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
       continue;
     }
     // Past the snapshot's end the base is zeros: decided here, no I/O.
-    PageEntry* e = map_.find(p);
     if (page_is_zero(p)) {
       set_page_state(p, PageState::Clean)->flags &= static_cast<uint8_t>(~PageEntry::kSpilling);
       counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
     } else {
+      PageEntry* e = map_.find(p);
       e->has_base_hash = true;
       e->base_hash = zero_hash;
       e->flags |= PageEntry::kDiffers;
@@ -144,17 +147,17 @@ void File::dirty_clean_page(uint64_t page) {
 uint64_t File::settle_pending() {
   // Pages per batch: bounds the buffer the base bytes are read into.
   constexpr size_t kBatchPages = 4096;
-  std::unique_lock lk(mutex_);
+  MutexLock lk(mutex_);
   if (!unsettled_) return 0;
   unsettled_ = false;  // a write from now on sets it again
-  uint64_t equal = 0;
   const std::vector<uint64_t> pages = map_.collect(0, std::numeric_limits<uint64_t>::max(), [](const PageEntry& e) {
     return e.state == PageState::Dirty && !(e.flags & PageEntry::kDiffers);
   });
+  uint64_t equal = 0;
   for (size_t i = 0; i < pages.size(); i += kBatchPages) {
     const auto from = pages.begin() + static_cast<long>(i);
     const std::vector<uint64_t> batch(from, from + static_cast<long>(std::min(kBatchPages, pages.size() - i)));
-    const int64_t n = settle_candidates(lk, batch);
+    const int64_t n = settle_candidates(batch);
     if (n < 0) {
       unsettled_ = true;  // try again at the next look
       break;
@@ -164,16 +167,16 @@ uint64_t File::settle_pending() {
   return equal;
 }
 
-int64_t File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages) {
+int64_t File::settle_candidates(const std::vector<uint64_t>& pages) {
   const uint64_t ps = page_size_;
   const uint64_t gen = generation_;
   const uint64_t base_size = base_size_;
   const SourceIdentity expected = identity_;
-  lk.unlock();
   std::vector<char> base(pages.size() * ps, 0);
   bool ok = true;
   {
-    std::shared_lock gate(io_gate_);
+    MutexUnlock unlocked(mutex_);
+    ReaderLock gate(io_gate_);
     // One read per run of consecutive pages, all of them in one batch.
     std::vector<ReadRequest> reads;
     for (size_t i = 0; i < pages.size();) {
@@ -190,7 +193,6 @@ int64_t File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vec
     SourceIdentity now;
     ok = ok && (source_->stable() || (source_->identity(now) == 0 && now == expected));
   }
-  lk.lock();
   // Leaving a page Dirty is always safe: sync compares with the source again.
   if (!ok || generation_ != gen) return -1;
   int64_t equal = 0;
@@ -214,8 +216,8 @@ int64_t File::settle_candidates(std::unique_lock<std::mutex>& lk, const std::vec
 
 int File::truncate(uint64_t new_size) {
   const uint64_t ps = page_size_;
-  std::lock_guard cm(commit_mutex_);
-  std::unique_lock lk(mutex_);
+  MutexLock cm(commit_mutex_);
+  MutexLock lk(mutex_);
   if (new_size == size_) return 0;
   int rc = segment_->reserve(new_size);
   if (rc < 0) return rc;
@@ -228,9 +230,9 @@ int File::truncate(uint64_t new_size) {
   if (new_size % ps) {
     const uint64_t pp = new_size / ps;
     for (;;) {
-      if ((rc = ensure_loaded(lk, pp, pp + 1)) < 0) return rc;
+      if ((rc = ensure_loaded(pp, pp + 1)) < 0) return rc;
       if (!is_loading(map_.state(pp))) break;
-      loaded_cv_.wait(lk);
+      waiters_.wait(mutex_, pp, pp + 1);
     }
     const PageState st = map_.state(pp);
     char* tail = segment_->data() + new_size;
@@ -262,8 +264,8 @@ int File::truncate(uint64_t new_size) {
 
 uint64_t File::discard() {
   const uint64_t ps = page_size_;
-  std::lock_guard cm(commit_mutex_);
-  std::unique_lock lk(mutex_);
+  MutexLock cm(commit_mutex_);
+  MutexLock lk(mutex_);
   uint64_t dropped = map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
                      map_.count(PageState::Spilled) + implicit_zero_pages_locked();
   const uint64_t beyond = div_up(base_size_, ps);
@@ -301,7 +303,7 @@ void File::touch_staged() {
 }
 
 void File::set_explicit_mtime(const struct timespec& mtime) {
-  std::lock_guard lk(mutex_);
+  MutexLock lk(mutex_);
   if (!has_staged_locked()) return;
   staged_mtime_ = mtime;
   explicit_mtime_ = true;

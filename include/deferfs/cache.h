@@ -10,10 +10,10 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "deferfs/file.h"
+#include "deferfs/mutex.h"
 
 namespace deferfs {
 
@@ -28,26 +28,26 @@ class Cache {
   uint64_t dirty_limit() const { return dirty_limit_; }
 
   // Registers a File to be balanced (weakly held).
-  void add(const std::shared_ptr<File>& file);
+  void add(const std::shared_ptr<File>& file) EXCLUDES(files_mutex_);
 
   // Brings memory back under the limits. `hint` is the file the caller just
   // used: a file holding more than half the cache gives pages back first, so
   // one reader cannot take the whole cache. Call with no lock held.
-  void balance(File* hint);
+  void balance(File* hint) EXCLUDES(balance_mutex_);
 
  private:
-  void evict(uint64_t bytes, File* hint);
-  void spill(uint64_t bytes);
-  std::vector<std::shared_ptr<File>> live_files();
+  void evict(uint64_t bytes, File* hint) REQUIRES(balance_mutex_);
+  void spill(uint64_t bytes) REQUIRES(balance_mutex_);
+  std::vector<std::shared_ptr<File>> live_files() EXCLUDES(files_mutex_);
 
   Counters& counters_;
   const uint64_t cache_limit_;
   const uint64_t dirty_limit_;
-  std::mutex balance_mutex_;  // one balancer at a time; taken before any File lock
-  std::mutex files_mutex_;    // guards files_, next_
-  std::vector<std::weak_ptr<File>> files_;
-  size_t next_ = 0;           // round-robin position in files_
-  size_t compacted_size_ = 0; // files_.size() after the last compaction
+  Mutex balance_mutex_;  // one balancer at a time; taken before any File lock
+  Mutex files_mutex_;
+  std::vector<std::weak_ptr<File>> files_ GUARDED_BY(files_mutex_);
+  size_t next_ GUARDED_BY(files_mutex_) = 0;           // round-robin position in files_
+  size_t compacted_size_ GUARDED_BY(files_mutex_) = 0; // files_.size() after the last compaction
 };
 
 }  // namespace deferfs

@@ -65,7 +65,7 @@ class Committer {
   const int source_root_fd_;
   int journal_dir_fd_;
   std::string temp_dir_;   // when the Committer made its own journal directory
-  std::mutex sync_mutex_;  // one commit at a time; taken before any file's commit mutex
+  Mutex sync_mutex_;  // one commit at a time; taken before any file's commit mutex
 };
 
 }  // namespace deferfs

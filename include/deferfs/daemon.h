@@ -22,6 +22,7 @@
 #include "deferfs/control.h"
 #include "deferfs/file.h"
 #include "deferfs/inode_table.h"
+#include "deferfs/mutex.h"
 #include "deferfs/options.h"
 
 namespace deferfs {
@@ -116,7 +117,7 @@ class Daemon final : public ControlHandler {
   // levels down, or "".
   std::string find_name(int dir_fd, const Inode& inode, int max_depth);
   static bool matches(const std::string& rel, const std::vector<std::string>& paths);
-  void notifier_loop();
+  void notifier_loop() EXCLUDES(notify_mutex_);
   int unmount_now();
   // Opens the spill file of source object (dev, ino) in the source's hidden
   // .deferfs directory (named, so a restarted daemon finds it).
@@ -167,18 +168,18 @@ class Daemon final : public ControlHandler {
     std::weak_ptr<File> file;
     uint64_t first, last;
   };
-  void prefetch_loop();
-  std::deque<PrefetchJob> prefetch_queue_;  // guarded by notify_mutex_
-  std::condition_variable prefetch_cv_;
+  void prefetch_loop() EXCLUDES(notify_mutex_);
+  std::deque<PrefetchJob> prefetch_queue_ GUARDED_BY(notify_mutex_);
+  CondVar prefetch_cv_;
   std::thread prefetcher_;
 
-  std::mutex handles_mutex_;  // guards handles_
-  std::unordered_map<void*, std::function<void()>> handles_;
+  Mutex handles_mutex_;
+  std::unordered_map<void*, std::function<void()>> handles_ GUARDED_BY(handles_mutex_);
 
-  std::mutex notify_mutex_;               // guards notify_queue_, notify_stop_, prefetch_queue_
-  std::condition_variable notify_cv_;
-  std::deque<uint64_t> notify_queue_;
-  bool notify_stop_ = false;
+  Mutex notify_mutex_;
+  CondVar notify_cv_;
+  std::deque<uint64_t> notify_queue_ GUARDED_BY(notify_mutex_);
+  bool notify_stop_ GUARDED_BY(notify_mutex_) = false;
   std::thread notifier_;
 };
 

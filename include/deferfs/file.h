@@ -26,7 +26,8 @@
 // end and recheck). The members below are grouped by the part that owns
 // them (see "members, by part").
 //
-// Lock rules. mutex_ guards everything marked "guarded"; it is never held
+// Lock rules (checked by clang's -Wthread-safety: GUARDED_BY, REQUIRES,
+// EXCLUDES). mutex_ guards everything marked GUARDED_BY; it is never held
 // across source I/O. Loads mark pages Loading, drop the lock, read, retake it
 // and look the page up again (wendelin's loadblk / VM_RETRY). commit_mutex_
 // serializes sync, discard and truncate against each other; lock order:
@@ -37,16 +38,16 @@
 #include <sys/uio.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "deferfs/loader.h"
+#include "deferfs/mutex.h"
 #include "deferfs/page_map.h"
 #include "deferfs/persist.h"
 #include "deferfs/segment.h"
@@ -131,11 +132,11 @@ class File : public std::enable_shared_from_this<File> {
   // conflict, the source's errno for a failed load).
   // The pointers are valid only until the pages are evicted: for tests and
   // single-threaded use. The FUSE layer uses read_into.
-  ssize_t read(uint64_t off, size_t len, std::vector<iovec>& out);
+  ssize_t read(uint64_t off, size_t len, std::vector<iovec>& out) EXCLUDES(mutex_);
 
   // Like read, but copies the bytes into `out` (at least `len` bytes) under
   // the lock, so eviction can never free them mid-reply.
-  ssize_t read_into(uint64_t off, size_t len, char* out);
+  ssize_t read_into(uint64_t off, size_t len, char* out) EXCLUDES(mutex_);
 
   // A read to be replied straight from the segment's memory: the ranges to
   // send in order, each either bytes of the segment at `off` (mapped at
@@ -151,18 +152,18 @@ class File : public std::enable_shared_from_this<File> {
   };
   // Returns the byte count (short at end of file) or -errno; on success the
   // caller must call unpin() once the reply is sent.
-  ssize_t read_pinned(uint64_t off, size_t len, std::vector<Extent>& out);
-  void unpin();
+  ssize_t read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) EXCLUDES(mutex_);
+  void unpin() EXCLUDES(mutex_);
 
   // Stages a write. Pages whose bytes do not change are counted as skipped
   // and stay as they were. Returns `len` or -errno. `writeback`: the kernel
   // writing back its cached pages (mmap): that never extends the file, and
   // is clipped to the current size (a page cached before a truncate or a
   // discard may be written back after it).
-  ssize_t write(const char* buf, size_t len, uint64_t off, bool writeback = false);
+  ssize_t write(const char* buf, size_t len, uint64_t off, bool writeback = false) EXCLUDES(mutex_);
 
   // Stages a size change (truncate or extend). 0 or -errno.
-  int truncate(uint64_t new_size);
+  int truncate(uint64_t new_size) EXCLUDES(commit_mutex_, mutex_);
 
   // ---- snapshot validity ----
 
@@ -170,30 +171,30 @@ class File : public std::enable_shared_from_this<File> {
   // Compares the source's identity with the snapshot's. A changed source of a
   // file with nothing staged is re-snapshotted (all pages dropped: the caller
   // must drop the kernel's cache of it); with staged pages it is a conflict.
-  Validity revalidate();
+  Validity revalidate() EXCLUDES(mutex_);
 
   // ---- commit (sync), called by Committer; commit_mutex() held ----
 
-  std::mutex& commit_mutex() { return commit_mutex_; }
+  Mutex& commit_mutex() RETURN_CAPABILITY(commit_mutex_) { return commit_mutex_; }
   // True if anything is staged (dirty pages or a size change), as an
   // observer sees it: settles pending pages first (settle_pending: may read
   // the source). Never call it with an Inode's or the table's lock held.
-  bool has_staged();
+  bool has_staged() EXCLUDES(mutex_);
   // The same without settling: pages a write may have left equal to the
   // snapshot count as staged until settled. No I/O; any lock may be held.
-  bool has_staged_now();
+  bool has_staged_now() EXCLUDES(mutex_);
   // Decides, for every Dirty page a write may have made equal to the
   // snapshot again (not known to differ), whether it does: reads their base
   // bytes from the source in offset order, in batches (io_uring), with the
   // lock released, and makes the equal ones Clean (counted as skipped).
   // Writes never read the source for this (spec 6.1 holds for every
   // observer): status, stats and sync call it before they look, and
-  // spilling before it writes pages out. Takes the lock itself. Returns
-  // the number of pages found equal (made Clean).
-  uint64_t settle_pending();
-  bool in_conflict();
+  // spilling before it writes pages out. Returns the number of pages found
+  // equal (made Clean).
+  uint64_t settle_pending() EXCLUDES(mutex_);
+  bool in_conflict() EXCLUDES(mutex_);
   // Moves staged pages to Writeback and describes what to write.
-  CommitPlan begin_commit();
+  CommitPlan begin_commit() EXCLUDES(mutex_);
   // Ends a commit. ok: Writeback pages become Clean, the base becomes what
   // was written, the snapshot takes the source's new identity. !ok:
   // Writeback pages go back to Dirty, nothing is lost.
@@ -201,43 +202,43 @@ class File : public std::enable_shared_from_this<File> {
   // `ours`: the source's identity as the commit left it (nullptr when an
   // outside change was seen during the commit: the snapshot then keeps its
   // old identity and the file is in conflict).
-  void end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours);
+  void end_commit(const CommitPlan& plan, bool ok, bool forced, const SourceIdentity* ours) EXCLUDES(mutex_);
   // The snapshot's source identity.
-  SourceIdentity identity();
+  SourceIdentity identity() EXCLUDES(mutex_);
   // After a commit: compares the resident Clean pages (if at most
   // `max_pages`) with the live source; any difference means an outside
   // change the identity checks could not see (it landed between one of the
   // commit's writes and the fstat after it). The file is then re-snapshotted
   // (or, with staged pages, in conflict). `force` re-snapshots without
   // comparing (an outside change was seen). Returns true if it changed.
-  bool recheck_after_commit(uint64_t max_pages, bool force);
+  bool recheck_after_commit(uint64_t max_pages, bool force) EXCLUDES(mutex_);
   // True once after the file's base changed under the kernel's cache (a
   // re-snapshot, a commit over an outside change): the caller drops the
   // kernel's cached pages of it.
-  bool take_stale_kernel_cache();
+  bool take_stale_kernel_cache() EXCLUDES(mutex_);
   // Marks the file in conflict (an outside change seen by a commit).
-  void mark_conflict();
+  void mark_conflict() EXCLUDES(mutex_);
   // utimes through the mount on a file with staged data: the mount shows
   // `mtime` and the commit applies it after the data (else the source's own
   // mtime would be the commit's time).
-  void set_explicit_mtime(const struct timespec& mtime);
+  void set_explicit_mtime(const struct timespec& mtime) EXCLUDES(mutex_);
   // A metadata operation made through the mount (chmod, chown, xattr, link,
   // rename, unlink of another name; utimes when `times_set`) changed the
   // source's ctime (and mtime): adopt that identity, so our own operations
   // are never taken for outside changes. Data changes (size, or mtime when
   // !times_set) are not adopted: they stay visible to revalidate().
-  void adopt_metadata_change(bool times_set);
+  void adopt_metadata_change(bool times_set) EXCLUDES(mutex_);
   // Source and segment for the committer's I/O (between begin and end).
   Source& source() { return *source_; }
   const char* page_bytes(uint64_t page) const;
   // Reads a Spilled page's staged bytes from the spill file. 0 or -errno.
-  int read_spilled(uint64_t page, char* out);
+  int read_spilled(uint64_t page, char* out) EXCLUDES(mutex_);
   uint64_t page_size() const { return page_size_; }
-  std::shared_mutex& io_gate() { return io_gate_; }
+  SharedMutex& io_gate() RETURN_CAPABILITY(io_gate_) { return io_gate_; }
 
   // Drops every staged page and size change; the file shows its snapshot
   // again. Takes commit_mutex_ itself. Returns the number of pages dropped.
-  uint64_t discard();
+  uint64_t discard() EXCLUDES(commit_mutex_, mutex_);
 
   // ---- readahead (spec 3 readahead=, issue 3) ----
 
@@ -246,26 +247,26 @@ class File : public std::enable_shared_from_this<File> {
   // past the read are handed to `prefetch` (which must only queue work) to
   // be loaded in the background. Random reads load only what they touch.
   using PrefetchHook = std::function<void(std::weak_ptr<File>, uint64_t first_page, uint64_t last_page)>;
-  void set_readahead(uint64_t max, PrefetchHook prefetch);
+  void set_readahead(uint64_t max, PrefetchHook prefetch) EXCLUDES(mutex_);
   // Loads the absent pages of [first, last) without marking them touched
   // (a background thread's call). 0 or -errno.
-  int prefetch(uint64_t first, uint64_t last);
+  int prefetch(uint64_t first, uint64_t last) EXCLUDES(mutex_);
 
   // ---- memory (called by Cache, no lock held by the caller) ----
 
   // Frees up to `max_pages` Clean pages chosen by the clock (pages touched
   // since the hand last passed get a second chance). Returns pages freed.
-  uint64_t evict_clean(uint64_t max_pages);
+  uint64_t evict_clean(uint64_t max_pages) EXCLUDES(mutex_);
   // Moves up to `max_pages` Dirty pages to the spill file (I/O with the lock
   // released). Returns pages spilled, or -errno if the spill file failed.
-  int64_t spill_dirty(uint64_t max_pages);
+  int64_t spill_dirty(uint64_t max_pages) EXCLUDES(mutex_);
   // How the file gets its spill file: returns an fd (owned by the File from
   // then on) or -errno. Without it, nothing is spilled. `remover` (optional)
   // deletes a named spill file when the File ends with nothing spilled.
   // A restored file with spilled pages opens it at once.
-  void set_spill_opener(std::function<int()> opener, std::function<void()> remover = {});
-  uint64_t clean_pages();
-  uint64_t dirty_resident_pages();
+  void set_spill_opener(std::function<int()> opener, std::function<void()> remover = {}) EXCLUDES(mutex_);
+  uint64_t clean_pages() EXCLUDES(mutex_);
+  uint64_t dirty_resident_pages() EXCLUDES(mutex_);
 
   // ---- figures ----
   struct Info {
@@ -280,12 +281,12 @@ class File : public std::enable_shared_from_this<File> {
     uint64_t resident_bytes = 0;  // segment memory as the kernel counts it
     uint64_t spilled_pages = 0;   // staged pages in the spill file
   };
-  Info info();
-  const std::string& name() const { return name_; }
-  void set_name(std::string name);
+  Info info() EXCLUDES(mutex_);
+  std::string name() const EXCLUDES(mutex_);
+  void set_name(std::string name) EXCLUDES(mutex_);
   // Called (with the file's lock held, so it must only queue work) when the
   // file is re-snapshotted: the kernel's cached pages of it are stale.
-  void set_invalidate_hook(std::function<void()> hook);
+  void set_invalidate_hook(std::function<void()> hook) EXCLUDES(mutex_);
 
   // Open handles through the mount (maintained by the FUSE layer).
   std::atomic<int> handles{0};
@@ -297,66 +298,64 @@ class File : public std::enable_shared_from_this<File> {
   // The source's identity differs from the snapshot's (or a load saw it
   // change): re-snapshot a file with nothing staged and return true, or mark
   // a conflict and return false.
-  bool source_changed_locked();
-  void resnapshot_locked(const SourceIdentity& now);
-  bool has_staged_locked() const;
+  bool source_changed_locked() REQUIRES(mutex_);
+  void resnapshot_locked(const SourceIdentity& now) REQUIRES(mutex_);
+  bool has_staged_locked() const REQUIRES(mutex_);
   bool page_is_zero(uint64_t page) const;
   // Every page state change goes through here: keeps the Counters' gauges.
-  PageEntry* set_page_state(uint64_t page, PageState to);
+  PageEntry* set_page_state(uint64_t page, PageState to) REQUIRES(mutex_);
   // Clips a read to the size and loads its pages; the byte count, 0 at end
-  // of file, or -errno. lk is held on entry and exit.
-  ssize_t load_for_read_locked(std::unique_lock<std::mutex>& lk, uint64_t off, size_t len);
+  // of file, or -errno. May release mutex_ while loading.
+  ssize_t load_for_read_locked(uint64_t off, size_t len) REQUIRES(mutex_);
   // Copies [off, off+len) (resident pages already ensured) into out.
-  void copy_out_locked(uint64_t off, size_t len, char* out);
+  void copy_out_locked(uint64_t off, size_t len, char* out) REQUIRES(mutex_);
   // Mirrors the header fields into the persisted metadata (no-op without it).
-  void persist_header_locked();
+  void persist_header_locked() REQUIRES(mutex_);
 
   // ======== loader (loader.cc) ========
 
   // Absent pages below the cut in [first, last) get loaded; waits for pages
-  // others are loading. Returns 0 or -errno. lk is held on entry and exit.
+  // others are loading. Returns 0 or -errno. Releases mutex_ for the I/O
+  // and while waiting: the caller looks its pages up again after it.
   // `touch`: the pages are being read (they get the clock's referenced bit);
   // prefetched pages do not, so eviction takes them first.
-  int ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64_t last, bool touch = true);
+  int ensure_loaded(uint64_t first, uint64_t last, bool touch = true) REQUIRES(mutex_);
   // Follows the read [off, off+len) for readahead; called with the lock held.
-  void note_read_locked(uint64_t off, uint64_t len);
-  // Reads [first, first+count) from the source into the segment (lock not held).
-  // hole[i] is set for pages found to be holes of the source.
-  int load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vector<char>& hole);
+  void note_read_locked(uint64_t off, uint64_t len) REQUIRES(mutex_);
 
   // ======== staging (staging.cc) ========
 
   // Pages in [cut, min(size, base_size)) without an entry: zeros now, maybe
   // not on the source.
-  uint64_t implicit_zero_pages_locked() const;
+  uint64_t implicit_zero_pages_locked() const REQUIRES(mutex_);
   // Marks a Clean page Dirty, remembering the hash of its base bytes.
-  void dirty_clean_page(uint64_t page);
+  void dirty_clean_page(uint64_t page) REQUIRES(mutex_);
   // After a write changed `page` (Dirty): records whether its bytes now
   // differ from the base (kDiffers), by its hash where the base's is known.
   // True when they differ; false when they may equal it (a candidate).
-  bool note_differs(uint64_t page, PageEntry* e);
+  bool note_differs(uint64_t page, PageEntry* e) REQUIRES(mutex_);
   // Pages a write made Dirty whose bytes may equal the base again: compare
-  // against the source (lock dropped for the read) and make equal ones Clean.
+  // against the source (mutex_ released for the read) and make equal ones Clean.
   // Returns the number of pages found equal, or -1 when the comparison
   // could not be made (the pages stay Dirty).
-  int64_t settle_candidates(std::unique_lock<std::mutex>& lk, const std::vector<uint64_t>& pages);
+  int64_t settle_candidates(const std::vector<uint64_t>& pages) REQUIRES(mutex_);
   // Raises cut_ over pages that have an entry (their content does not depend
   // on the cut), so they can be evicted and reloaded from the source.
-  void raise_cut_locked();
-  void touch_staged();
+  void raise_cut_locked() REQUIRES(mutex_);
+  void touch_staged() REQUIRES(mutex_);
 
   // ======== residency (residency.cc) ========
 
-  int ensure_spill_file_locked();
-  void drop_page(uint64_t page);  // to Absent, punching its memory
+  int ensure_spill_file_locked() REQUIRES(mutex_);
+  void drop_page(uint64_t page) REQUIRES(mutex_);  // to Absent, punching its memory
   // Punches [off, off+len) of the segment, or defers it while replies are
   // pinned; the deferred punch later frees only pages that are not resident
   // or loading by then.
-  void punch_locked(uint64_t off, uint64_t len);
+  void punch_locked(uint64_t off, uint64_t len) REQUIRES(mutex_);
 
   // ======== members, by part ========
   //
-  // One lock, mutex_, guards every member below it marked "guarded". Every
+  // One lock, mutex_, guards every member marked GUARDED_BY(mutex_). Every
   // part may read and change the core's members (under mutex_); a part's
   // own members are changed only by the functions of its file (others may
   // read them under mutex_ where said). Lock order: commit_mutex_ before
@@ -372,48 +371,47 @@ class File : public std::enable_shared_from_this<File> {
   // and truncate; io_gate_ is held shared by loads (and the compare of
   // settle_candidates) and exclusive by a commit's write phase, so a load
   // never sees the source mid-commit.
-  std::mutex commit_mutex_;
-  std::shared_mutex io_gate_;
+  Mutex commit_mutex_ ACQUIRED_BEFORE(io_gate_);
+  SharedMutex io_gate_ ACQUIRED_BEFORE(mutex_);
 
-  mutable std::mutex mutex_;
+  mutable Mutex mutex_;
 
   // core: any part, under mutex_
-  std::string name_;                   // guarded
-  std::unique_ptr<Segment> segment_;   // reserve/punch guarded; bytes per page state (I5)
-  std::unique_ptr<PersistMeta> meta_;  // guarded; null when not persistent
-  PageMap map_;                        // guarded
-  SourceIdentity identity_;            // guarded: the snapshot's source identity
-  uint64_t base_size_ = 0;             // guarded
-  uint64_t size_ = 0;                  // guarded
-  uint64_t cut_ = 0;                   // guarded
-  uint64_t generation_ = 0;            // guarded: bumped when the base changes
-  bool conflict_ = false;              // guarded
-  bool stale_kernel_cache_ = false;    // guarded: see take_stale_kernel_cache
-  std::function<void()> invalidate_hook_;  // guarded
-  std::string source_root_;                // guarded: for the persisted header
+  std::string name_ GUARDED_BY(mutex_);
+  // Set in the constructor, never replaced: reserve and punch under mutex_;
+  // a page's bytes are written by whoever its state says (I5).
+  std::unique_ptr<Segment> segment_;
+  std::unique_ptr<PersistMeta> meta_ GUARDED_BY(mutex_);  // null when not persistent
+  PageMap map_ GUARDED_BY(mutex_);
+  SourceIdentity identity_ GUARDED_BY(mutex_);            // the snapshot's source identity
+  uint64_t base_size_ GUARDED_BY(mutex_) = 0;
+  uint64_t size_ GUARDED_BY(mutex_) = 0;
+  uint64_t cut_ GUARDED_BY(mutex_) = 0;
+  uint64_t generation_ GUARDED_BY(mutex_) = 0;            // bumped when the base changes
+  bool conflict_ GUARDED_BY(mutex_) = false;
+  bool stale_kernel_cache_ GUARDED_BY(mutex_) = false;    // see take_stale_kernel_cache
+  std::function<void()> invalidate_hook_ GUARDED_BY(mutex_);
+  std::string source_root_ GUARDED_BY(mutex_);                // for the persisted header
 
   // staging's own (read by the commit side's plan, the header and info)
   // Set when a write left pages that may equal the base (Dirty without
   // kDiffers) for settle_pending(); cleared by a pass that settled them.
-  bool unsettled_ = false;             // guarded
-  struct timespec staged_mtime_ = {};  // guarded
-  bool explicit_mtime_ = false;        // guarded
+  bool unsettled_ GUARDED_BY(mutex_) = false;
+  struct timespec staged_mtime_ GUARDED_BY(mutex_) = {};
+  bool explicit_mtime_ GUARDED_BY(mutex_) = false;
 
   // loader's own
-  std::condition_variable loaded_cv_;  // signalled when any Loading page settles
-  uint64_t ra_max_ = 0;                    // guarded: readahead cap (0: none)
-  uint64_t ra_window_ = 0;                 // guarded: current window
-  uint64_t ra_next_ = ~uint64_t{0};        // guarded: where a sequential read would start
-  uint64_t ra_issued_ = 0;                 // guarded: end of the last window handed out
-  PrefetchHook prefetch_hook_;             // guarded
+  LoadWaiters waiters_ GUARDED_BY(mutex_);  // requests waiting for pages being loaded
+  Readahead readahead_ GUARDED_BY(mutex_);
+  PrefetchHook prefetch_hook_ GUARDED_BY(mutex_);
 
   // residency's own (the loader reads spill_fd_ to load spilled pages back)
-  std::function<int()> spill_opener_;      // guarded
-  std::function<void()> spill_remover_;    // guarded
-  int spill_fd_ = -1;                      // guarded (set once); owned
-  size_t clock_hand_ = 0;                  // guarded
-  uint64_t pins_ = 0;                      // guarded: replies in flight from the segment
-  std::vector<std::pair<uint64_t, uint64_t>> pending_punch_;  // guarded: (off, len) deferred while pinned
+  std::function<int()> spill_opener_ GUARDED_BY(mutex_);
+  std::function<void()> spill_remover_ GUARDED_BY(mutex_);
+  int spill_fd_ GUARDED_BY(mutex_) = -1;                      // set once; owned
+  size_t clock_hand_ GUARDED_BY(mutex_) = 0;
+  uint64_t pins_ GUARDED_BY(mutex_) = 0;                      // replies in flight from the segment
+  std::vector<std::pair<uint64_t, uint64_t>> pending_punch_ GUARDED_BY(mutex_);  // (off, len) deferred while pinned
 };
 
 }  // namespace deferfs

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "deferfs/file.h"
+#include "deferfs/mutex.h"
 
 namespace deferfs {
 
@@ -41,14 +42,14 @@ class SnapshotCache {
 
   // Keeps `file`, the snapshot of source object (dev, ino). The caller
   // checked that it has no handle and nothing staged.
-  void keep(dev_t dev, ino_t ino, std::shared_ptr<File> file);
+  void keep(dev_t dev, ino_t ino, std::shared_ptr<File> file) EXCLUDES(mutex_);
   // The kept snapshot of (dev, ino), removed from the cache, or nullptr.
-  std::shared_ptr<File> take(dev_t dev, ino_t ino);
+  std::shared_ptr<File> take(dev_t dev, ino_t ino) EXCLUDES(mutex_);
   // Forgets the kept snapshot of (dev, ino), if any (its source is gone).
-  void drop(dev_t dev, ino_t ino);
-  size_t size();
+  void drop(dev_t dev, ino_t ino) EXCLUDES(mutex_);
+  size_t size() EXCLUDES(mutex_);
   // The kept snapshots (for stats).
-  std::vector<std::shared_ptr<File>> files();
+  std::vector<std::shared_ptr<File>> files() EXCLUDES(mutex_);
   size_t max_files() const { return max_files_; }
 
   // A bound for the number of kept snapshots from the fds the daemon may
@@ -62,13 +63,13 @@ class SnapshotCache {
     std::list<Key>::iterator age;  // position in order_
   };
   // Moves out the Files of sources with no name left (nlink 0). Locked.
-  void sweep_locked(std::vector<std::shared_ptr<File>>& dead);
+  void sweep_locked(std::vector<std::shared_ptr<File>>& dead) REQUIRES(mutex_);
 
   const size_t max_files_;
-  std::mutex mutex_;             // guards entries_, order_, keeps_since_sweep_
-  std::map<Key, Entry> entries_;
-  std::list<Key> order_;         // oldest kept first
-  size_t keeps_since_sweep_ = 0;
+  Mutex mutex_;
+  std::map<Key, Entry> entries_ GUARDED_BY(mutex_);
+  std::list<Key> order_ GUARDED_BY(mutex_);  // oldest kept first
+  size_t keeps_since_sweep_ GUARDED_BY(mutex_) = 0;
 };
 
 }  // namespace deferfs
