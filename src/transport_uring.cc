@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -144,6 +145,9 @@ ssize_t UringQueue::reply(UringEntry* e, const iovec* iov, int count) {
 
 void UringQueue::run() {
   tl_queue = this;
+  char name[16];
+  std::snprintf(name, sizeof name, "deferfs-uring%u", cfg_.qid % 100);
+  pthread_setname_np(pthread_self(), name);
   // Signals are for libfuse's loop thread (fuse_set_signal_handlers).
   sigset_t all;
   sigfillset(&all);

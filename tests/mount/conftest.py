@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
+import uring_param
+
 DEFERFS = os.environ.get("DEFERFS", "/work/main/build/src/deferfs")
+# The transport every mount of the suite uses unless a test names one
+# (meson runs the suite as "mount" with dev and as "mount_uring" with uring).
+TRANSPORT = os.environ.get("DEFERFS_TEST_TRANSPORT", "")
 FSTYPE = "fuse.deferfs"
 PAGE = 4096
 MOUNT_WAIT = 10.0
@@ -265,6 +270,8 @@ class Mount:
 
 def start_daemon(src, mnt, opts, log_path, extra_args=()):
     cmd = [DEFERFS, str(src), str(mnt), "-f"] + list(extra_args)
+    if TRANSPORT and not any(str(o).startswith("transport=") for o in opts):
+        opts = list(opts) + [f"transport={TRANSPORT}"]
     for o in opts:
         cmd += ["-o", o]
     logf = open(log_path, "ab")
@@ -455,3 +462,19 @@ def deferfs_bin():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mount_opts(*opts): -o options for a test's mount fixture")
+    # meson's timeout sends SIGTERM: let the fixtures' teardown run (unmount,
+    # put enable_uring back) as on ^C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _uring_param_for_suite():
+    """Under DEFERFS_TEST_TRANSPORT=uring, enable_uring is Y for the session
+    (held with other processes, restored by the last: uring_param.py)."""
+    if TRANSPORT != "uring":
+        yield
+        return
+    if not uring_param.available():
+        pytest.fail(f"DEFERFS_TEST_TRANSPORT=uring needs root and {uring_param.PARAM}")
+    with uring_param.uring_enabled():
+        yield
