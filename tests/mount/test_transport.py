@@ -316,7 +316,7 @@ def test_lazy_unmount_under_fio(uring, mount_factory):
     # fio keeps its file open for the whole run (a reopen after the lazy
     # unmount would miss the mount); a checker keeps one open too.
     fio = subprocess.Popen(["fio", "--name=t", f"--filename={m.m('f')}", "--rw=randread", "--bs=4k",
-                            "--ioengine=psync", "--time_based", "--runtime=5", "--invalidate=1",
+                            "--size=16M", "--ioengine=psync", "--time_based", "--runtime=5", "--invalidate=1",
                             "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checker = child(ONLINE[-1], r"""
