@@ -84,6 +84,20 @@ def fuse_connections():
     return {int(n) for n in r.stdout.split()}
 
 
+def shm_files_of(src):
+    """Staged-state files in /dev/shm that name the source directory `src`."""
+    out = []
+    for n in os.listdir("/dev/shm"):
+        if n.startswith("deferfs.") and n.endswith(".meta"):
+            try:
+                with open(f"/dev/shm/{n}", "rb") as f:
+                    if os.fsencode(str(src)) in f.read(8192):
+                        out.append(n)
+            except OSError:
+                pass
+    return out
+
+
 # A child process pinned to one CPU; its work is Python code given as text.
 CHILD = r"""
 import hashlib, os, sys, random
@@ -285,19 +299,22 @@ print("ok")
 
 # ------------------------------------------------------------- going away
 
-def _load(m, seconds=30):
-    """Clients on every CPU reading and writing until they fail or time out."""
+def _load(m, seconds=30, write=True):
+    """Clients on every CPU reading (and writing) until they fail or time out."""
+    write_file(m.s("r"), os.urandom(1 << 20))
     code = r"""
 import time, errno
-d, secs = sys.argv[3], float(sys.argv[4])
+d, secs, write = sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1"
 end = time.monotonic() + secs
 n = 0
 try:
     while time.monotonic() < end:
-        p = f"{d}/l{cpu}"
-        with open(p, "wb") as f:
-            f.write(os.urandom(256 << 10))
+        p = f"{d}/l{cpu}" if write else f"{d}/r"
+        if write:
+            with open(p, "wb") as f:
+                f.write(os.urandom(256 << 10))
         with open(p, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             f.read()
         n += 1
 except OSError as e:
@@ -305,7 +322,7 @@ except OSError as e:
     sys.exit(0)
 print("done", n)
 """
-    return [child(cpu, code, m.mnt, seconds) for cpu in ONLINE]
+    return [child(cpu, code, m.mnt, seconds, int(write)) for cpu in ONLINE]
 
 
 def test_lazy_unmount_under_fio(uring, mount_factory):
@@ -364,7 +381,7 @@ def test_sigterm_under_load(uring, mount_factory):
 def test_sigkill_under_load(uring, mount_factory):
     m = mount_factory(opts=["transport=uring"])
     conn = connection_id(m.mnt)
-    procs = _load(m)
+    procs = _load(m, write=False)  # nothing staged: a killed daemon leaves nothing in /dev/shm
     time.sleep(1)
     m.proc.kill()
     assert m.wait_exit(10) is not None
@@ -374,6 +391,13 @@ def test_sigkill_under_load(uring, mount_factory):
     r = run("fusermount3", "-uz", m.mnt)
     assert r.returncode == 0, r
     assert wait_for(lambda: conn not in fuse_connections(), 10), "connection left after SIGKILL and unmount"
+    # What the killed daemon kept in /dev/shm (its files' metadata) goes
+    # with the next mount of the source and its clean unmount.
+    m2 = mount_factory(opts=["transport=dev"], src=m.src)
+    m2.discard()
+    assert run("fusermount3", "-u", m2.mnt).returncode == 0
+    assert m2.wait_exit(15) is not None
+    assert shm_files_of(m.src) == []
 
 
 def test_failed_registration_falls_back_to_dev(uring, mount_factory, monkeypatch):
