@@ -7,10 +7,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <setjmp.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 
 #include "deferfs/log.h"
@@ -34,12 +37,70 @@ thread_local UringEntry* tl_entry = nullptr;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+// The reply's data is copied here, in user space (with /dev/fuse the
+// kernel copies it and a vanished page is an EFAULT): a page of a segment
+// that disappears under the copy (truncated, punched) raises SIGBUS, which
+// must fail that one reply, never kill the daemon. The handler jumps back
+// only out of a copy in progress; any other SIGBUS goes to the previous
+// disposition. SA_NODEFER: the jump leaves SIGBUS unblocked.
+thread_local sigjmp_buf* tl_copy_jmp = nullptr;
+struct sigaction g_prev_bus;
+
+void on_sigbus(int sig, siginfo_t* si, void* ctx) {
+  if (sigjmp_buf* jb = tl_copy_jmp) {
+    tl_copy_jmp = nullptr;
+    siglongjmp(*jb, 1);
+  }
+  if (g_prev_bus.sa_flags & SA_SIGINFO) {
+    g_prev_bus.sa_sigaction(sig, si, ctx);
+  } else if (g_prev_bus.sa_handler != SIG_DFL && g_prev_bus.sa_handler != SIG_IGN) {
+    g_prev_bus.sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);
+    raise(sig);
+  }
+}
+
+void install_sigbus_guard() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa{};
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &g_prev_bus);
+  });
+}
+
+// Copies the iovecs' bytes after `skip` into `to` (at most `max`); false
+// if a source page faulted.
+bool guarded_copy(char* to, size_t max, const iovec* iov, int count, size_t skip) {
+  sigjmp_buf jb;
+  if (sigsetjmp(jb, 0) != 0) return false;
+  tl_copy_jmp = &jb;
+  size_t at = 0;
+  for (int i = 0; i < count && at < max; ++i) {
+    if (iov[i].iov_len <= skip) {
+      skip -= iov[i].iov_len;
+      continue;
+    }
+    size_t n = std::min(iov[i].iov_len - skip, max - at);
+    std::memcpy(to + at, static_cast<const char*>(iov[i].iov_base) + skip, n);
+    skip = 0;
+    at += n;
+  }
+  tl_copy_jmp = nullptr;
+  return true;
+}
+
 }  // namespace
 
 UringEntry* uring_current_entry() { return tl_entry; }
 
 UringQueue::UringQueue(const Config& cfg, Reported reported)
-    : cfg_(cfg), reported_(std::move(reported)), entry_bytes_(kHeaderPage + round_up(cfg.payload_size, 4096)) {}
+    : cfg_(cfg), reported_(std::move(reported)), entry_bytes_(kHeaderPage + round_up(cfg.payload_size, 4096)) {
+  install_sigbus_guard();
+}
 
 UringQueue::~UringQueue() {
   stop();
@@ -114,19 +175,16 @@ ssize_t UringQueue::reply(UringEntry* e, const iovec* iov, int count) {
     out.error = -EIO;
     data = 0;
   }
-  out.len = static_cast<uint32_t>(sizeof(OutHeader) + data);
-  std::memcpy(e->hdr->in_out, &out, sizeof out);
   // The one copy of the reply's data: straight from where the handler has
   // it (a segment's pages for READ) into the ring's payload buffer.
-  size_t at = 0;
-  size_t first_skip = sizeof(OutHeader);
-  for (int i = 0; i < count && at < data; ++i) {
-    const char* from = static_cast<const char*>(iov[i].iov_base) + first_skip;
-    size_t n = std::min(iov[i].iov_len - first_skip, data - at);
-    first_skip = 0;
-    std::memcpy(e->payload + at, from, n);
-    at += n;
+  if (data && !guarded_copy(e->payload, data, iov, count, sizeof(OutHeader))) {
+    log_error("uring queue %u: a page of the reply to request %llu vanished while it was copied: answered EIO",
+              cfg_.qid, static_cast<unsigned long long>(out.unique));
+    out.error = -EIO;
+    data = 0;
   }
+  out.len = static_cast<uint32_t>(sizeof(OutHeader) + data);
+  std::memcpy(e->hdr->in_out, &out, sizeof out);
   e->hdr->ring_ent_in_out.payload_sz = static_cast<uint32_t>(data);
   if (tl_queue == this) {
     local_.push_back(e);  // committed by this thread after the handler returns
@@ -148,9 +206,11 @@ void UringQueue::run() {
   char name[16];
   std::snprintf(name, sizeof name, "deferfs-uring%u", cfg_.qid % 100);
   pthread_setname_np(pthread_self(), name);
-  // Signals are for libfuse's loop thread (fuse_set_signal_handlers).
+  // Signals are for libfuse's loop thread (fuse_set_signal_handlers); a
+  // fault's own signal stays deliverable (blocked, it would kill).
   sigset_t all;
   sigfillset(&all);
+  for (int sig : {SIGBUS, SIGSEGV, SIGFPE, SIGILL}) sigdelset(&all, sig);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
   cpu_set_t cpus;
   CPU_ZERO(&cpus);

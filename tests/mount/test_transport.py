@@ -15,7 +15,7 @@ import time
 import pytest
 
 import uring_param
-from conftest import (force_cleanup, mounts_at, pid_alive, read_file, run, start_daemon, wait_for,
+from conftest import (force_cleanup, mountinfo, mounts_at, pid_alive, read_file, run, start_daemon, wait_for,
                       write_file)
 
 CHILD_TIMEOUT = 60
@@ -82,6 +82,12 @@ def fuse_connections():
             "mount -t fusectl none /sys/fs/fuse/connections && ls /sys/fs/fuse/connections")
     assert r.returncode == 0, r
     return {int(n) for n in r.stdout.split()}
+
+
+def connection_gone(conn):
+    """Connection `conn` ended (its number may already serve a new mount of
+    another test: then a mount with that device exists again)."""
+    return conn not in fuse_connections() or any(e["dev"] == f"0:{conn}" for e in mountinfo())
 
 
 def shm_files_of(src):
@@ -362,7 +368,7 @@ print("ok")
     assert job["error"] == 0 and job["read"]["total_ios"] > 100, job["read"]
     assert finish([checker])[0][:2] == (0, "ok\n")
     assert m.wait_exit(15) == 0, m.log()
-    assert conn not in fuse_connections(), "the kernel connection outlived the daemon"
+    assert wait_for(lambda: connection_gone(conn), 10), "the kernel connection outlived the daemon"
     assert "transport: uring" in m.log()
 
 
@@ -390,7 +396,7 @@ def test_sigkill_under_load(uring, mount_factory):
     assert any(out.startswith("error") for _, out, _ in res), res
     r = run("fusermount3", "-uz", m.mnt)
     assert r.returncode == 0, r
-    assert wait_for(lambda: conn not in fuse_connections(), 10), "connection left after SIGKILL and unmount"
+    assert wait_for(lambda: connection_gone(conn), 10), "connection left after SIGKILL and unmount"
     # What the killed daemon kept in /dev/shm (its files' metadata) goes
     # with the next mount of the source and its clean unmount.
     m2 = mount_factory(opts=["transport=dev"], src=m.src)
