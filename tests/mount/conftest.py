@@ -349,6 +349,10 @@ def mount_factory(tmp_path, request):
                         f"--- daemon log ---\n{m.log()}")
         if not ok:
             pytest.fail(f"{m.mnt} not mounted as {FSTYPE} after {MOUNT_WAIT}s\n--- daemon log ---\n{m.log()}")
+        if TRANSPORT == "uring" and not any(str(o).startswith("transport=") for o in opts):
+            # The suite's mounts really are served by the rings.
+            if not wait_for(lambda: "transport: uring" in m.log() or m.proc.poll() is not None, MOUNT_WAIT):
+                pytest.fail(f"{m.mnt}: not served through io_uring\n--- daemon log ---\n{m.log()}")
         return m
 
     yield factory
