@@ -353,7 +353,8 @@ while time.monotonic() < end:
     assert os.pread(fd, 65536, off) == want[off:off + 65536]
 print("ok")
 """, m.s("f"), m.m("f"))
-    time.sleep(1)
+    # Both have the file open (fio starts slowly on a loaded machine).
+    assert wait_for(lambda: m.stats()["files_open"] >= 2 or fio.poll() is not None, 30), m.stats()
     assert fio.poll() is None, fio.communicate()
     # Busy: a plain unmount is refused and changes nothing.
     r = run("fusermount3", "-u", m.mnt)
