@@ -273,6 +273,17 @@ void print_stats(const StatsReport& r) {
   if (r.dirty_limit_bytes) line("dirty_limit_bytes", human_size(r.dirty_limit_bytes));
   line("spilled_bytes", human_size(r.spilled_bytes));
   line("spilled_total_bytes", human_size(r.spilled_total_bytes));
+  if (!r.transport.empty()) {
+    std::string t = r.transport;
+    if (!r.transport_reason.empty()) t += " (" + r.transport_reason + ")";
+    line("transport", t);
+  }
+  if (!r.transport_queue_requests.empty()) {
+    std::string q;
+    for (size_t i = 0; i < r.transport_queue_requests.size(); ++i)
+      q += (i ? " " : "") + std::string("cpu") + std::to_string(i) + "=" + std::to_string(r.transport_queue_requests[i]);
+    line("transport_requests", q);
+  }
 }
 
 // --- Subcommands ---------------------------------------------------------------

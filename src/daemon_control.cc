@@ -13,6 +13,7 @@
 #include <unordered_set>
 
 #include "deferfs/log.h"
+#include "deferfs/transport.h"
 
 extern char** environ;
 
@@ -160,6 +161,11 @@ StatsReport Daemon::stats() {
   s.pid = getpid();
   s.source = opts_.source;
   s.mountpoint = opts_.mountpoint;
+  const Transport* tr = transport_.load();
+  TransportInfo t = tr ? tr->info() : TransportInfo{"dev", "", {}};
+  s.transport = t.name;
+  s.transport_reason = t.reason;
+  s.transport_queue_requests = t.queue_requests;
   return s;
 }
 

@@ -15,6 +15,7 @@
 
 #include "deferfs/fuse_ops.h"
 #include "deferfs/log.h"
+#include "deferfs/transport.h"
 
 namespace deferfs {
 
@@ -68,6 +69,12 @@ int make_state_dir(const std::string& dir) {
 
 int run_daemon(const MountOptions& given) {
   MountOptions opts = given;
+  if (opts.transport == TransportMode::Uring) {
+    if (UringPolicy p = uring_policy(); !p.allowed) {
+      std::fprintf(stderr, "deferfs: transport=uring: %s\n", p.why_not.c_str());
+      return 2;
+    }
+  }
   resolve_memory_defaults(opts);
   // Page-map tables come and go in sizes of megabytes: keep them in mmap'd
   // chunks that return to the system when freed (glibc's adaptive threshold
@@ -153,6 +160,7 @@ int run_daemon(const MountOptions& given) {
   }
   daemon.set_session(se);
   int status = 1;
+  std::unique_ptr<Transport> transport;
   if (fuse_set_signal_handlers(se) != 0) {
     fuse_session_destroy(se);
     return 1;
@@ -176,12 +184,9 @@ int run_daemon(const MountOptions& given) {
     daemon.start_threads();
     log_info("serving %s on %s (page size %llu, %s snapshots)", opts.source.c_str(), opts.mountpoint.c_str(),
              static_cast<unsigned long long>(opts.page_size), reflink ? "reflink" : "guarded");
-    fuse_loop_config* cfg = fuse_loop_cfg_create();
-    fuse_loop_cfg_set_clone_fd(cfg, 1);
-    fuse_loop_cfg_set_max_threads(cfg, 16);
-    fuse_loop_cfg_set_idle_threads(cfg, 8);
-    status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
-    fuse_loop_cfg_destroy(cfg);
+    transport = std::make_unique<Transport>(se, opts.transport);
+    daemon.set_transport(transport.get());
+    status = transport->serve();
     // Unmounted (umount, fusermount3 -u) or signalled: commit what is staged.
     daemon.final_sync();
   } catch (const std::exception& e) {
@@ -192,7 +197,9 @@ int run_daemon(const MountOptions& given) {
   fuse_session_unmount(se);
   fuse_remove_signal_handlers(se);
   daemon.set_session(nullptr);
+  daemon.set_transport(nullptr);
   fuse_session_destroy(se);
+  transport.reset();  // after the session: no hook runs any more
   fuse_opt_free_args(&args);
   return status;
 }

@@ -188,6 +188,14 @@ void apply_option(MountOptions& mo, const std::string& item) {
     else throw UsageError("option 'snapshot=" + nv.value + "': must be auto, reflink or guard");
     return;
   }
+  if (nv.name == "transport") {
+    require_value(nv);
+    if (nv.value == "auto") mo.transport = TransportMode::Auto;
+    else if (nv.value == "uring") mo.transport = TransportMode::Uring;
+    else if (nv.value == "dev") mo.transport = TransportMode::Dev;
+    else throw UsageError("option 'transport=" + nv.value + "': must be auto, uring or dev");
+    return;
+  }
   if (nv.name == "cache_size" || nv.name == "dirty_limit") {
     require_value(nv);
     const uint64_t n = parse_size(nv.value, nv.name);

@@ -129,6 +129,9 @@ void to_json(json& j, const StatsReport& r) {
            {"dirty_limit_bytes", r.dirty_limit_bytes},
            {"spilled_bytes", r.spilled_bytes},
            {"spilled_total_bytes", r.spilled_total_bytes},
+           {"transport", r.transport},
+           {"transport_reason", r.transport_reason},
+           {"transport_queue_requests", r.transport_queue_requests},
            {"pid", r.pid},
            {"source", r.source},
            {"mountpoint", r.mountpoint}};
@@ -152,6 +155,9 @@ void from_json(const json& j, StatsReport& r) {
   get_optional(j, "dirty_limit_bytes", r.dirty_limit_bytes);
   get_optional(j, "spilled_bytes", r.spilled_bytes);
   get_optional(j, "spilled_total_bytes", r.spilled_total_bytes);
+  get_optional(j, "transport", r.transport);
+  get_optional(j, "transport_reason", r.transport_reason);
+  get_optional(j, "transport_queue_requests", r.transport_queue_requests);
   get_optional(j, "pid", r.pid);
   get_optional(j, "source", r.source);
   get_optional(j, "mountpoint", r.mountpoint);

@@ -27,6 +27,8 @@
 
 namespace deferfs {
 
+class Transport;
+
 // Runs the mount described by `opts` until it is unmounted or signalled.
 // Returns the process exit status (0, 1 on a runtime failure, 2 on bad usage
 // found while setting up, before anything is mounted).
@@ -95,6 +97,8 @@ class Daemon final : public ControlHandler {
   void refresh_kernel_view(const Inode& inode);
   const std::string& control_path() const { return control_path_; }
   void set_session(fuse_session* se) { se_ = se; }
+  // Who serves requests, for stats(); set before the loop, cleared after.
+  void set_transport(const Transport* t) { transport_ = t; }
   // Sync everything staged; used at exit (signal, fusermount3 -u). Logs.
   void final_sync();
   bool discard_on_exit() const { return discard_on_exit_; }
@@ -159,6 +163,7 @@ class Daemon final : public ControlHandler {
   SnapshotCache kept_;
   Committer committer_;
   fuse_session* se_ = nullptr;  // set before the loop runs
+  std::atomic<const Transport*> transport_{nullptr};
   std::unique_ptr<ControlServer> control_;
   std::atomic<bool> discard_on_exit_{false};  // set by umount --discard (control thread), read at exit
 

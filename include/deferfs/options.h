@@ -12,6 +12,9 @@ namespace deferfs {
 enum class FsyncMode { Commit, Stage };
 // How a snapshot is protected from changes made outside the mount (spec 5.2).
 enum class SnapshotMode { Auto, Reflink, Guard };
+// How FUSE requests reach the daemon (spec 3): io_uring per CPU, /dev/fuse,
+// or the first where the kernel allows it (transport.h).
+enum class TransportMode { Auto, Uring, Dev };
 
 struct MountOptions {
   std::string source;       // absolute, resolved before the mount (fuse_daemonize chdirs to /)
@@ -21,6 +24,7 @@ struct MountOptions {
   uint64_t page_size = 4096;
   FsyncMode fsync = FsyncMode::Commit;
   SnapshotMode snapshot = SnapshotMode::Auto;
+  TransportMode transport = TransportMode::Auto;
   // Largest readahead window of the loader on sequential access (0: none).
   uint64_t readahead = uint64_t{1} << 20;
   bool read_only = false;

@@ -70,6 +70,11 @@ struct StatsReport {
   uint64_t dirty_limit_bytes = 0;
   uint64_t spilled_bytes = 0;        // staged bytes now in spill files
   uint64_t spilled_total_bytes = 0;  // staged bytes moved to spill files since mount
+  // How FUSE requests reach the daemon (spec 2.1: "uring" or "dev"), why,
+  // and the requests each ring (index = CPU) served.
+  std::string transport;
+  std::string transport_reason;
+  std::vector<uint64_t> transport_queue_requests;
   // Not in spec 2.1, added for people: who serves the mount.
   int64_t pid = 0;
   std::string source;

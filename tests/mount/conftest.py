@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
+import uring_param
+
 DEFERFS = os.environ.get("DEFERFS", "/work/main/build/src/deferfs")
+# The transport every mount of the suite uses unless a test names one
+# (meson runs the suite as "mount" with dev and as "mount_uring" with uring).
+TRANSPORT = os.environ.get("DEFERFS_TEST_TRANSPORT", "")
 FSTYPE = "fuse.deferfs"
 PAGE = 4096
 MOUNT_WAIT = 10.0
@@ -265,6 +270,8 @@ class Mount:
 
 def start_daemon(src, mnt, opts, log_path, extra_args=()):
     cmd = [DEFERFS, str(src), str(mnt), "-f"] + list(extra_args)
+    if TRANSPORT and not any(str(o).startswith("transport=") for o in opts):
+        opts = list(opts) + [f"transport={TRANSPORT}"]
     for o in opts:
         cmd += ["-o", o]
     logf = open(log_path, "ab")
@@ -342,6 +349,10 @@ def mount_factory(tmp_path, request):
                         f"--- daemon log ---\n{m.log()}")
         if not ok:
             pytest.fail(f"{m.mnt} not mounted as {FSTYPE} after {MOUNT_WAIT}s\n--- daemon log ---\n{m.log()}")
+        if TRANSPORT == "uring" and not any(str(o).startswith("transport=") for o in opts):
+            # The suite's mounts really are served by the rings.
+            if not wait_for(lambda: "transport: uring" in m.log() or m.proc.poll() is not None, MOUNT_WAIT):
+                pytest.fail(f"{m.mnt}: not served through io_uring\n--- daemon log ---\n{m.log()}")
         return m
 
     yield factory
@@ -455,3 +466,19 @@ def deferfs_bin():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mount_opts(*opts): -o options for a test's mount fixture")
+    # meson's timeout sends SIGTERM: let the fixtures' teardown run (unmount,
+    # put enable_uring back) as on ^C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _uring_param_for_suite():
+    """Under DEFERFS_TEST_TRANSPORT=uring, enable_uring is Y for the session
+    (held with other processes, restored by the last: uring_param.py)."""
+    if TRANSPORT != "uring":
+        yield
+        return
+    if not uring_param.available():
+        pytest.fail(f"DEFERFS_TEST_TRANSPORT=uring needs root and {uring_param.PARAM}")
+    with uring_param.uring_enabled():
+        yield

@@ -206,6 +206,15 @@ TEST_F(MountArgs, MemoryLimitsAreParsed) {
   EXPECT_GT(defaults.dirty_limit, 0u);
 }
 
+TEST_F(MountArgs, TransportIsParsed) {
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string()}).transport, TransportMode::Auto);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "transport=uring"}).transport, TransportMode::Uring);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "transport=dev"}).transport, TransportMode::Dev);
+  EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "transport=auto"}).transport, TransportMode::Auto);
+  expect_option_error("transport=tcp", {"transport=tcp", "auto, uring or dev"});
+  expect_option_error("transport", {"transport"});
+}
+
 TEST_F(MountArgs, SnapshotAndReadaheadAreParsed) {
   EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=guard"}).snapshot, SnapshotMode::Guard);
   EXPECT_EQ(parse_mount_args({src_.string(), mnt_.string(), "-o", "snapshot=reflink"}).snapshot, SnapshotMode::Reflink);
