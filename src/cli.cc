@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "deferfs/client.h"
 #include "deferfs/control.h"
 #include "deferfs/reports.h"
 
@@ -28,17 +29,14 @@ namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kFsType = "fuse.deferfs";
 constexpr auto kUmountWait = std::chrono::seconds(60);
 constexpr auto kProgressDelay = std::chrono::seconds(1);
 constexpr auto kProgressRedraw = std::chrono::milliseconds(100);
 
 // A failure that ends the command: `message` goes to stderr after
-// "deferfs: ", `status` is the exit status (1 failed, 2 bad usage).
-struct CliError : std::runtime_error {
-  CliError(int status, const std::string& message) : std::runtime_error(message), status(status) {}
-  int status;
-};
+// "deferfs: ", status() is the exit status (1 failed, 2 bad usage). The
+// client library (client.h) throws the same type.
+using CliError = ClientError;
 
 CliError usage_error(const std::string& message) { return CliError(2, message); }
 
@@ -89,164 +87,6 @@ CliArgs parse_cli_args(const std::vector<std::string>& args) {
   return a;
 }
 
-// --- Finding the mount ---------------------------------------------------------
-
-struct MountEntry {
-  long id = 0;
-  std::string mountpoint;
-  std::string fstype;
-};
-
-// Undoes the octal escapes of /proc/self/mountinfo ("\040" for a space).
-std::string unescape_mountinfo(std::string_view s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 3 < s.size()) {
-      const std::string_view oct = s.substr(i + 1, 3);
-      if (oct.find_first_not_of("01234567") == std::string_view::npos) {
-        out += static_cast<char>((oct[0] - '0') * 64 + (oct[1] - '0') * 8 + (oct[2] - '0'));
-        i += 3;
-        continue;
-      }
-    }
-    out += s[i];
-  }
-  return out;
-}
-
-std::vector<std::string_view> split_spaces(std::string_view line) {
-  std::vector<std::string_view> fields;
-  size_t start = 0;
-  while (start < line.size()) {
-    size_t end = line.find(' ', start);
-    if (end == std::string_view::npos) end = line.size();
-    if (end > start) fields.push_back(line.substr(start, end - start));
-    start = end + 1;
-  }
-  return fields;
-}
-
-// One line: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS".
-bool parse_mountinfo_line(std::string_view line, MountEntry& e) {
-  const std::vector<std::string_view> f = split_spaces(line);
-  if (f.size() < 7) return false;
-  size_t sep = 6;
-  while (sep < f.size() && f[sep] != "-") ++sep;
-  if (sep + 1 >= f.size()) return false;
-  e.id = std::strtol(std::string(f[0]).c_str(), nullptr, 10);
-  e.mountpoint = unescape_mountinfo(f[4]);
-  e.fstype = unescape_mountinfo(f[sep + 1]);
-  return true;
-}
-
-std::vector<MountEntry> read_mountinfo() {
-  std::ifstream in("/proc/self/mountinfo");
-  if (!in) throw CliError(1, std::string("/proc/self/mountinfo: ") + std::strerror(errno));
-  std::vector<MountEntry> mounts;
-  std::string line;
-  while (std::getline(in, line)) {
-    MountEntry e;
-    if (parse_mountinfo_line(line, e)) mounts.push_back(std::move(e));
-  }
-  return mounts;
-}
-
-bool path_is_under(const std::string& path, const std::string& dir) {
-  if (dir == "/") return true;
-  return path == dir || (path.starts_with(dir) && path[dir.size()] == '/');
-}
-
-// The mount that `path` (absolute, resolved) is on: the longest mount point
-// that contains it, the last one listed if several are stacked there.
-MountEntry mount_of(const std::string& path, const std::vector<MountEntry>& mounts) {
-  const MountEntry* best = nullptr;
-  for (const MountEntry& m : mounts) {
-    if (path_is_under(path, m.mountpoint) && (!best || m.mountpoint.size() >= best->mountpoint.size())) {
-      best = &m;
-    }
-  }
-  if (!best) throw CliError(1, path + ": no mount contains it in /proc/self/mountinfo");
-  return *best;
-}
-
-std::string resolve_path(const std::string& path) {
-  char* real = ::realpath(path.c_str(), nullptr);
-  if (!real) {
-    const int err = errno;
-    if (err == ENOENT || err == ENOTDIR) throw usage_error(path + ": no such file or directory");
-    if (err == ENOTCONN) {
-      throw CliError(1, path + ": " + std::strerror(err) + " (the daemon is gone; fusermount3 -u cleans up)");
-    }
-    throw CliError(1, path + ": " + std::strerror(err));
-  }
-  std::string out = real;
-  std::free(real);
-  return out;
-}
-
-// `path` relative to `mountpoint` ("" for the mount point itself).
-std::string relative_to(const std::string& path, const std::string& mountpoint) {
-  if (path == mountpoint) return "";
-  return path.substr(mountpoint == "/" ? 1 : mountpoint.size() + 1);
-}
-
-// The control socket's path, as the daemon answers it on its mount point.
-std::string control_socket(const std::string& mountpoint) {
-  char buf[4096];
-  const ssize_t n = ::getxattr(mountpoint.c_str(), kControlXattr, buf, sizeof buf);
-  if (n < 0) {
-    const int err = errno;
-    if (err == EACCES || err == EPERM) {
-      throw CliError(1, mountpoint + ": permission denied reading the control address (" + kControlXattr +
-                            "); only the user who mounted and root may control this mount");
-    }
-    throw CliError(1, mountpoint + ": cannot read the control address (" + kControlXattr + "): " +
-                          std::strerror(err));
-  }
-  std::string socket(buf, static_cast<size_t>(n));
-  while (!socket.empty() && socket.back() == '\0') socket.pop_back();
-  if (socket.empty()) throw CliError(1, mountpoint + ": the daemon answered an empty control address");
-  return socket;
-}
-
-// The mount that the command's PATHs are on, and the paths relative to it.
-struct Target {
-  MountEntry mount;
-  std::string socket;
-  std::vector<std::string> paths;     // as given on the command line
-  std::vector<std::string> relative;  // relative to the mount root
-};
-
-void check_sendable(const std::string& given, const std::string& rel) {
-  try {
-    (void)json(rel).dump();
-  } catch (const json::exception&) {
-    throw usage_error(given + ": the name is not valid UTF-8, which the control protocol cannot carry; "
-                              "name a directory above it");
-  }
-}
-
-Target find_target(const std::vector<std::string>& paths) {
-  const std::vector<MountEntry> mounts = read_mountinfo();
-  Target t;
-  for (const std::string& given : paths) {
-    const std::string real = resolve_path(given);
-    const MountEntry m = mount_of(real, mounts);
-    if (m.fstype != kFsType) throw usage_error(given + ": not on a deferfs mount");
-    if (t.paths.empty()) {
-      t.mount = m;
-    } else if (m.id != t.mount.id) {
-      throw usage_error(given + ": on the deferfs mount " + m.mountpoint + ", not on " + t.mount.mountpoint +
-                        " like " + t.paths.front() + "; run one command per mount");
-    }
-    t.paths.push_back(given);
-    t.relative.push_back(relative_to(real, m.mountpoint));
-    check_sendable(given, t.relative.back());
-  }
-  t.socket = control_socket(t.mount.mountpoint);
-  return t;
-}
-
 // --- Talking to the daemon --------------------------------------------------
 
 // Shows sync progress as one updating line on stderr: only on a terminal and
@@ -284,38 +124,6 @@ class ProgressLine {
   Clock::time_point last_;
   bool drawn_ = false;
 };
-
-json call_daemon(const Target& t, const ControlRequest& req,
-                 const std::function<void(uint64_t, uint64_t)>& on_progress = {}) {
-  const std::string& mp = t.mount.mountpoint;
-  try {
-    // A daemon serving its maximum of clients answers EBUSY without running
-    // anything: wait for a slot (up to about 10 s) as a user would.
-    for (int attempt = 0;; ++attempt) {
-      json reply = control_call(t.socket, req, on_progress);
-      const bool busy = !reply.value("ok", false) && reply.value("errno", std::string()) == "EBUSY" &&
-                        !reply.contains("result");
-      if (!busy || attempt >= 50) return reply;
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-  } catch (const ControlConnectError& e) {
-    throw CliError(1, "cannot reach the daemon of " + mp + " at " + t.socket + ": " + e.code().message());
-  } catch (const std::system_error& e) {
-    throw CliError(1, mp + ": " + e.what());
-  } catch (const ProtocolError& e) {
-    throw CliError(1, mp + ": " + e.what());
-  }
-}
-
-// Throws for a failure reply that carries no report (the op did not run).
-void check_reply(const json& reply, const Target& t, const std::string& op) {
-  if (reply.at("ok").get<bool>() || reply.contains("result")) return;
-  const json& error = reply.value("error", json());
-  const json& err_name = reply.value("errno", json());
-  const std::string message = error.is_string() ? error.get<std::string>() : "unknown error";
-  const bool usage = err_name.is_string() && err_name.get<std::string>() == "EINVAL";
-  throw CliError(usage ? 2 : 1, t.mount.mountpoint + ": " + op + ": " + message);
-}
 
 // The reply's report, converted; a reply that does not fit is a failure.
 template <typename Report>
@@ -355,12 +163,6 @@ std::string plural(uint64_t n, const char* one, const char* many) {
 }
 
 // A mount-relative path as the user can use it: absolute.
-std::string display_path(const Target& t, const std::string& rel) {
-  const std::string& mp = t.mount.mountpoint;
-  if (rel.empty()) return mp;
-  return mp == "/" ? "/" + rel : mp + "/" + rel;
-}
-
 void report_failed(const Target& t, const std::vector<FileError>& failed, const char* consequence) {
   for (const FileError& f : failed) {
     std::fprintf(stderr, "deferfs: %s: %s; %s\n", display_path(t, f.path).c_str(), f.error.c_str(), consequence);
@@ -444,15 +246,13 @@ ControlRequest request_for(const CliArgs& a, const Target& t) {
 }
 
 int run_sync(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  json reply;
+  ControlResult c;
   {
     ProgressLine progress;
-    reply = call_daemon(t, request_for(a, t), [&progress](uint64_t done, uint64_t total) {
-      progress.update(done, total);
-    });
+    c = deferfs::sync(a.paths, a.force, [&progress](uint64_t done, uint64_t total) { progress.update(done, total); });
   }
-  check_reply(reply, t, "sync");
+  const Target& t = c.target;
+  json& reply = c.reply;
   const auto r = report_of<SyncReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -468,9 +268,9 @@ int run_sync(const CliArgs& a) {
 }
 
 int run_status(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "status");
+  const ControlResult c = deferfs::status(a.paths);
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<StatusReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -481,9 +281,9 @@ int run_status(const CliArgs& a) {
 }
 
 int run_discard(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "discard");
+  const ControlResult c = deferfs::discard(a.paths);
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<DiscardReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -498,9 +298,9 @@ int run_discard(const CliArgs& a) {
 }
 
 int run_stats(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "stats");
+  const ControlResult c = deferfs::stats(a.paths.front());
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<StatsReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -599,7 +399,7 @@ int cli_main(const std::vector<std::string>& args) {
     a = parse_cli_args(args);
   } catch (const CliError& e) {
     std::fprintf(stderr, "deferfs: %s\nTry 'deferfs --help'.\n", e.what());
-    return e.status;
+    return e.status();
   }
   if (a.help) {
     print_usage(stdout);
@@ -610,7 +410,7 @@ int cli_main(const std::vector<std::string>& args) {
   } catch (const CliError& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "deferfs: %s\n", e.what());
-    return e.status;
+    return e.status();
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "deferfs: %s: %s\n", args[0].c_str(), e.what());

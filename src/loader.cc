@@ -12,6 +12,7 @@
 
 #include "deferfs/file.h"
 #include "deferfs/log.h"
+#include "deferfs/segment_fill.h"
 #include "file_internal.h"
 
 namespace deferfs {
@@ -36,7 +37,9 @@ int File::load_run(uint64_t first, uint64_t count, uint64_t base_size, std::vect
     if (h < 0) return static_cast<int>(h);
     uint64_t read_start = std::max(off, data / ps * ps);
     uint64_t read_end = std::min(end, div_up(std::max<uint64_t>(static_cast<uint64_t>(h), data + 1), ps) * ps);
-    ssize_t n = source_->read(seg + read_start, read_end - read_start, read_start);
+    ssize_t n = views.load(std::memory_order_acquire)
+                    ? read_for_views(*source_, segment_->fd(), read_start, read_end - read_start)
+                    : source_->read(seg + read_start, read_end - read_start, read_start);
     if (n < 0) return static_cast<int>(n);
     if (static_cast<uint64_t>(n) < read_end - read_start) return -ESTALE;  // source shrank
     // The last page past the end of the file reads as zeros, whatever its
@@ -88,7 +91,9 @@ int File::ensure_loaded(std::unique_lock<std::mutex>& lk, uint64_t first, uint64
     int rc = 0, spill_rc = 0;
     for (size_t i = 0; i < mine.size(); ++i) {
       if (!from_spill[i]) continue;
-      ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+      ssize_t n = views.load(std::memory_order_acquire)
+                      ? read_for_views(spill_fd, segment_->fd(), mine[i] * ps, ps)
+                      : pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
       if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
     }
     if (from_source) {
@@ -197,6 +202,51 @@ int File::prefetch(uint64_t first, uint64_t last) {
   std::unique_lock lk(mutex_);
   if (conflict_) return -EIO;
   return ensure_loaded(lk, first, last, /*touch=*/false);
+}
+
+// ---------------------------------------------------------------- views
+
+void File::add_view() {
+  views.fetch_add(1, std::memory_order_acq_rel);
+  // Loads from the source that started before see no view: wait for them.
+  std::unique_lock gate(io_gate_);
+}
+
+int File::load_for_view(uint64_t off, uint64_t len) {
+  const uint64_t ps = page_size_;
+  constexpr uint64_t kSysPage = 4096;
+  std::unique_lock lk(mutex_);
+  for (;;) {
+    if (off / kSysPage * kSysPage >= size_) return -EFAULT;  // a mapped file's SIGBUS
+    const uint64_t end = std::min(off + std::max<uint64_t>(len, 1), size_);
+    const uint64_t first = off / ps, last = div_up(end, ps);
+    if (int rc = ensure_loaded(lk, first, last); rc < 0) return rc;
+    if (off / kSysPage * kSysPage >= size_) return -EFAULT;  // the lock was dropped
+    bool again = false;
+    for (uint64_t p = first; p < last && p * ps < size_; ++p) {
+      PageEntry* e = map_.find(p);
+      const PageState st = e ? e->state : PageState::Absent;
+      if (is_loading(st) || (st == PageState::Absent && p * ps < cut_)) {
+        again = true;  // evicted or taken by a loader meanwhile
+        break;
+      }
+      if (!is_resident(st)) {
+        // Zeros: a Hole or a page past the snapshot's end equals the base
+        // (Clean); a page cut by a truncate holds staged zeros (Dirty).
+        if (int rc = segment_->reserve((p + 1) * ps); rc < 0) return rc;
+        std::memset(segment_->data() + p * ps, 0, ps);
+        const bool base_zero = st == PageState::Hole || p * ps >= base_size_;
+        e = set_page_state(p, base_zero ? PageState::Clean : PageState::Dirty);
+      }
+      e->flags |= PageEntry::kReferenced;
+    }
+    if (again) continue;
+    // Readahead: a view faults only where the last window ended, so a touch
+    // inside the window handed out counts as sequential.
+    if (ra_next_ != ~uint64_t{0} && first * ps >= ra_next_ && first * ps <= ra_issued_) ra_next_ = first * ps;
+    note_read_locked(first * ps, (last - first) * ps);
+    return 0;
+  }
 }
 
 }  // namespace deferfs
