@@ -223,6 +223,16 @@ void ControlServer::accept_one() {
   // permissions); everything else is for the owner and root only, checked
   // per request in handle().
   const PeerCredentials peer{cred.pid, cred.uid, cred.gid};
+  const bool owner = cred.uid == owner_uid_ || cred.uid == 0;
+  if (!owner) {
+    size_t others = 0;
+    for (const Worker& w : workers_) others += !w.owner && !w.done;
+    if (others >= kMaxOtherClients) {
+      reject(conn.get(), "the daemon is busy: " + std::to_string(kMaxOtherClients) +
+                             " clients of other users connected, try again", EBUSY);
+      return;
+    }
+  }
   if (workers_.size() >= kMaxClients) {
     // A client that got its reply and closed may still be counted: its thread
     // is only now seeing the end of the stream.
@@ -241,6 +251,7 @@ void ControlServer::accept_one() {
     return;
   }
   Worker& w = workers_.emplace_back();
+  w.owner = owner;
   try {
     w.thread = std::thread([this, &w, fd = conn.get(), peer] {
       serve_client(fd, peer);

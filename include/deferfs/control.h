@@ -156,7 +156,11 @@ class ControlServer {
   struct Worker {
     std::thread thread;
     std::atomic<bool> done{false};
+    bool owner = false;  // the mounting user or root
   };
+  // Clients other than the owner (view requests) take at most this many
+  // slots, so they can never lock the owner out.
+  static constexpr size_t kMaxOtherClients = kMaxClients / 2;
 
   void run() noexcept;                     // the accepting thread
   void accept_one();                       // accepting thread only
