@@ -19,21 +19,27 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "deferfs/client.h"
 #include "deferfs/control.h"
 #include "deferfs/reports.h"
-#include "cli_internal.h"
 
 namespace deferfs {
 
 namespace {
 
-using namespace cli_detail;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr auto kUmountWait = std::chrono::seconds(60);
 constexpr auto kProgressDelay = std::chrono::seconds(1);
 constexpr auto kProgressRedraw = std::chrono::milliseconds(100);
+
+// A failure that ends the command: `message` goes to stderr after
+// "deferfs: ", status() is the exit status (1 failed, 2 bad usage). The
+// client library (client.h) throws the same type.
+using CliError = ClientError;
+
+CliError usage_error(const std::string& message) { return CliError(2, message); }
 
 // --- Arguments ---------------------------------------------------------------
 
@@ -128,38 +134,6 @@ class ProgressLine {
   bool drawn_ = false;
 };
 
-json call_daemon(const Target& t, const ControlRequest& req,
-                 const std::function<void(uint64_t, uint64_t)>& on_progress = {}) {
-  const std::string& mp = t.mount.mountpoint;
-  try {
-    // A daemon serving its maximum of clients answers EBUSY without running
-    // anything: wait for a slot (up to about 10 s) as a user would.
-    for (int attempt = 0;; ++attempt) {
-      json reply = control_call(t.socket, req, on_progress);
-      const bool busy = !reply.value("ok", false) && reply.value("errno", std::string()) == "EBUSY" &&
-                        !reply.contains("result");
-      if (!busy || attempt >= 50) return reply;
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-  } catch (const ControlConnectError& e) {
-    throw CliError(1, "cannot reach the daemon of " + mp + " at " + t.socket + ": " + e.code().message());
-  } catch (const std::system_error& e) {
-    throw CliError(1, mp + ": " + e.what());
-  } catch (const ProtocolError& e) {
-    throw CliError(1, mp + ": " + e.what());
-  }
-}
-
-// Throws for a failure reply that carries no report (the op did not run).
-void check_reply(const json& reply, const Target& t, const std::string& op) {
-  if (reply.at("ok").get<bool>() || reply.contains("result")) return;
-  const json& error = reply.value("error", json());
-  const json& err_name = reply.value("errno", json());
-  const std::string message = error.is_string() ? error.get<std::string>() : "unknown error";
-  const bool usage = err_name.is_string() && err_name.get<std::string>() == "EINVAL";
-  throw CliError(usage ? 2 : 1, t.mount.mountpoint + ": " + op + ": " + message);
-}
-
 // The reply's report, converted; a reply that does not fit is a failure.
 template <typename Report>
 Report report_of(const json& reply, const Target& t) {
@@ -198,12 +172,6 @@ std::string plural(uint64_t n, const char* one, const char* many) {
 }
 
 // A mount-relative path as the user can use it: absolute.
-std::string display_path(const Target& t, const std::string& rel) {
-  const std::string& mp = t.mount.mountpoint;
-  if (rel.empty()) return mp;
-  return mp == "/" ? "/" + rel : mp + "/" + rel;
-}
-
 void report_failed(const Target& t, const std::vector<FileError>& failed, const char* consequence) {
   for (const FileError& f : failed) {
     std::fprintf(stderr, "deferfs: %s: %s; %s\n", display_path(t, f.path).c_str(), f.error.c_str(), consequence);
@@ -298,15 +266,13 @@ ControlRequest request_for(const CliArgs& a, const Target& t) {
 }
 
 int run_sync(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  json reply;
+  ControlResult c;
   {
     ProgressLine progress;
-    reply = call_daemon(t, request_for(a, t), [&progress](uint64_t done, uint64_t total) {
-      progress.update(done, total);
-    });
+    c = deferfs::sync(a.paths, a.force, [&progress](uint64_t done, uint64_t total) { progress.update(done, total); });
   }
-  check_reply(reply, t, "sync");
+  const Target& t = c.target;
+  json& reply = c.reply;
   const auto r = report_of<SyncReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -322,9 +288,9 @@ int run_sync(const CliArgs& a) {
 }
 
 int run_status(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "status");
+  const ControlResult c = deferfs::status(a.paths);
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<StatusReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -335,9 +301,9 @@ int run_status(const CliArgs& a) {
 }
 
 int run_discard(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "discard");
+  const ControlResult c = deferfs::discard(a.paths);
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<DiscardReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -352,9 +318,9 @@ int run_discard(const CliArgs& a) {
 }
 
 int run_stats(const CliArgs& a) {
-  const Target t = find_target(a.paths);
-  const json reply = call_daemon(t, request_for(a, t));
-  check_reply(reply, t, "stats");
+  const ControlResult c = deferfs::stats(a.paths.front());
+  const Target& t = c.target;
+  const json& reply = c.reply;
   const auto r = report_of<StatsReport>(reply, t);
   if (a.json) {
     print_json(reply["result"]);
@@ -453,7 +419,7 @@ int cli_main(const std::vector<std::string>& args) {
     a = parse_cli_args(args);
   } catch (const CliError& e) {
     std::fprintf(stderr, "deferfs: %s\nTry 'deferfs --help'.\n", e.what());
-    return e.status;
+    return e.status();
   }
   if (a.help) {
     print_usage(stdout);
@@ -464,7 +430,7 @@ int cli_main(const std::vector<std::string>& args) {
   } catch (const CliError& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "deferfs: %s\n", e.what());
-    return e.status;
+    return e.status();
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "deferfs: %s: %s\n", args[0].c_str(), e.what());

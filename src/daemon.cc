@@ -75,6 +75,7 @@ static void remove_stale_sockets(const std::string& dir) {
 void Daemon::start_threads() {
   remove_stale_sockets(opts_.state_dir);
   control_path_ = make_control_path(opts_);
+  views_ = std::make_unique<ViewServer>();
   control_ = std::make_unique<ControlServer>(control_path_, getuid(), *this);
   control_->start();
   notifier_ = std::thread([this] { notifier_loop(); });
@@ -98,6 +99,7 @@ void Daemon::prefetch_loop() {
 
 void Daemon::stop_threads() {
   control_.reset();
+  views_.reset();
   {
     MutexLock lk(notify_mutex_);
     notify_stop_ = true;

@@ -15,6 +15,7 @@
 #include "deferfs/file.h"
 #include "deferfs/loader.h"
 #include "deferfs/log.h"
+#include "deferfs/segment_fill.h"
 #include "file_internal.h"
 
 namespace deferfs {
@@ -24,7 +25,7 @@ using namespace file_detail;
 // ---------------------------------------------------------------- the parts that know nothing of File
 
 int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t first, uint64_t count,
-             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded) {
+             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd) {
   const uint64_t ps = page_size;
   uint64_t off = first * ps;
   const uint64_t end = std::min((first + count) * ps, base_size);
@@ -45,8 +46,16 @@ int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t firs
     // Allocate the segment's pages and map them in one call: left to the
     // read's copy, each 4 KiB page costs a page fault (profile of a cold
     // sequential read: a quarter of the daemon's time).
-    segment.populate(read_start, div_up(read_end, ps) * ps - read_start);
-    ssize_t n = source.load(seg + read_start, read_end - read_start, read_start);
+    // With views mapping the segment, pages must come into existence only
+    // once written whole: pwrite through the segment's fd (segment_fill.h),
+    // no populate, no O_DIRECT into the mapping.
+    ssize_t n;
+    if (via_fd) {
+      n = read_for_views(source, segment.fd(), read_start, read_end - read_start);
+    } else {
+      segment.populate(read_start, div_up(read_end, ps) * ps - read_start);
+      n = source.load(seg + read_start, read_end - read_start, read_start);
+    }
     if (n < 0) return static_cast<int>(n);
     if (static_cast<uint64_t>(n) < read_end - read_start) return -ESTALE;  // source shrank
     // The last page past the end of the file reads as zeros, whatever its
@@ -87,6 +96,10 @@ void LoadWaiters::wake(const std::vector<uint64_t>& settled) {
       ++it;
     }
   }
+}
+
+void Readahead::touched_within(uint64_t off) {
+  if (next_ != ~uint64_t{0} && off >= next_ && off <= issued_) next_ = off;
 }
 
 std::pair<uint64_t, uint64_t> Readahead::follow(uint64_t off, uint64_t len, uint64_t limit) {
@@ -151,11 +164,16 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
       MutexUnlock unlocked(mutex_);
       for (size_t i = 0; i < mine.size(); ++i) {
         if (!from_spill[i]) continue;
-        ssize_t n = pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
+        ssize_t n = views.load(std::memory_order_acquire)
+                        ? read_for_views(spill_fd, segment_->fd(), mine[i] * ps, ps)
+                        : pread(spill_fd, segment_->data() + mine[i] * ps, ps, static_cast<off_t>(mine[i] * ps));
         if (n != static_cast<ssize_t>(ps)) spill_rc = n < 0 ? -errno : -EIO;
       }
       if (from_source) {
         ReaderLock gate(io_gate_);
+        // Read under the gate: add_view() counts a view, then waits for the
+        // loads holding the gate, so every later load sees it.
+        const bool via_fd = views.load(std::memory_order_acquire) > 0;
         for (size_t i = 0; i < mine.size() && rc == 0;) {
           if (from_spill[i]) {
             ++i;
@@ -164,7 +182,7 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
           size_t j = i + 1;
           while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
           std::vector<char> run_hole(j - i, 0);
-          rc = load_run(*source_, *segment_, ps, mine[i], j - i, base_size, run_hole, loaded);
+          rc = load_run(*source_, *segment_, ps, mine[i], j - i, base_size, run_hole, loaded, via_fd);
           std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
           i = j;
         }
@@ -248,6 +266,51 @@ int File::prefetch(uint64_t first, uint64_t last) {
   MutexLock lk(mutex_);
   if (conflict_) return -EIO;
   return ensure_loaded(first, last, /*touch=*/false);
+}
+
+// ---------------------------------------------------------------- views
+
+void File::add_view() {
+  views.fetch_add(1, std::memory_order_acq_rel);
+  // Loads from the source that started before see no view: wait for them.
+  WriterLock gate(io_gate_);
+}
+
+int File::load_for_view(uint64_t off, uint64_t len) {
+  const uint64_t ps = page_size_;
+  constexpr uint64_t kSysPage = 4096;
+  MutexLock lk(mutex_);
+  for (;;) {
+    if (off / kSysPage * kSysPage >= size_) return -EFAULT;  // a mapped file's SIGBUS
+    const uint64_t end = std::min(off + std::max<uint64_t>(len, 1), size_);
+    const uint64_t first = off / ps, last = div_up(end, ps);
+    if (int rc = ensure_loaded(first, last); rc < 0) return rc;
+    if (off / kSysPage * kSysPage >= size_) return -EFAULT;  // the lock was dropped
+    bool again = false;
+    for (uint64_t p = first; p < last && p * ps < size_; ++p) {
+      PageEntry* e = map_.find(p);
+      const PageState st = e ? e->state : PageState::Absent;
+      if (is_loading(st) || (st == PageState::Absent && p * ps < cut_)) {
+        again = true;  // evicted or taken by a loader meanwhile
+        break;
+      }
+      if (!is_resident(st)) {
+        // Zeros: a Hole or a page past the snapshot's end equals the base
+        // (Clean); a page cut by a truncate holds staged zeros (Dirty).
+        if (int rc = segment_->reserve((p + 1) * ps); rc < 0) return rc;
+        std::memset(segment_->data() + p * ps, 0, ps);
+        const bool base_zero = st == PageState::Hole || p * ps >= base_size_;
+        e = set_page_state(p, base_zero ? PageState::Clean : PageState::Dirty);
+      }
+      e->flags |= PageEntry::kReferenced;
+    }
+    if (again) continue;
+    // Readahead: a view faults only where the last window ended, so a touch
+    // inside the window handed out counts as sequential.
+    readahead_.touched_within(first * ps);
+    note_read_locked(first * ps, (last - first) * ps);
+    return 0;
+  }
 }
 
 }  // namespace deferfs

@@ -6,16 +6,18 @@
 // holds '+' followed by a piece, the last holds '=' followed by the final
 // piece (a JSON text never starts with '+' or '='), each packet at most
 // kMaxPacketBytes. Requests are at most kMaxMessageBytes, replies at most
-// kMaxReplyBytes. The daemon accepts a connection only from the mounting
-// user or root (SO_PEERCRED); everyone else gets an error reply with
-// "errno": "EACCES" and nothing runs.
+// kMaxReplyBytes. The daemon identifies each client by SO_PEERCRED.
 //
-// Request:  {"version": 1, "op": "sync"|"status"|"discard"|"stats"|"umount",
+// Request:  {"version": 1, "op": "sync"|"status"|"discard"|"stats"|"umount"|"view",
 //            "paths": ["rel/path", ...],   // relative to the mount root; "" = all
 //            "force": bool,                // sync only
 //            "discard": bool}              // umount only
 //   "paths" is required and non-empty for sync, status and discard, optional
-//   (and unused) for stats and umount. Unknown fields are an error.
+//   (and unused) for stats and umount; exactly one file for view. Unknown
+//   fields are an error. Every user may send "view" (its handler checks the
+//   file's permissions, spec 9.3); the other ops are for the mounting user
+//   and root, others get "errno": "EACCES" and the connection is closed.
+//   A view request hands the connection to the views' protocol (view.h).
 // Replies:  zero or more {"progress": {"done": N, "total": N}} (sync only,
 //           at most about ten a second), then exactly one final
 //           {"ok": true, "result": {...report...}}
@@ -53,6 +55,10 @@
 
 namespace deferfs {
 
+namespace wire {
+class UniqueFd;
+}
+
 inline constexpr int kProtocolVersion = 1;
 inline constexpr size_t kMaxPacketBytes = 64 << 10;   // one packet on the socket
 inline constexpr size_t kMaxMessageBytes = 1 << 20;   // one request, all fragments
@@ -85,6 +91,13 @@ ControlRequest parse_request(const std::string& packet);
 // exception thrown by a call becomes an error reply (std::system_error
 // carries its errno, std::invalid_argument is EINVAL, anything else EIO);
 // it never reaches the server's threads. Must not destroy the ControlServer.
+// Who is at the other end of a control connection (SO_PEERCRED).
+struct PeerCredentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
 class ControlHandler {
  public:
   virtual ~ControlHandler() = default;
@@ -97,6 +110,12 @@ class ControlHandler {
   // Sync everything (or discard if `discard`), then unmount. Returns the sync
   // report; if it is not ok() the mount stays up and nothing is lost.
   virtual SyncReport umount(bool discard) = 0;
+  // A view of the file at `path` (spec 9) for `peer`: checks that the peer
+  // may read it and takes over the connection `conn` (closing it when the
+  // view ends). Throws (std::system_error with EACCES, ENOENT, ...) without
+  // taking it: the error is replied and the connection closed. The default
+  // has no views (ENOTSUP).
+  virtual void view(const std::string& path, const PeerCredentials& peer, int conn);
 };
 
 // The daemon's listening socket, the thread that accepts on it, and one
@@ -137,13 +156,20 @@ class ControlServer {
   struct Worker {
     std::thread thread;
     std::atomic<bool> done{false};
+    bool owner = false;  // the mounting user or root
   };
+  // Clients other than the owner (view requests) take at most this many
+  // slots, so they can never lock the owner out.
+  static constexpr size_t kMaxOtherClients = kMaxClients / 2;
 
   void run() noexcept;                     // the accepting thread
   void accept_one();                       // accepting thread only
   void reap_workers(bool all);             // accepting thread (or destructor after it)
-  void serve_client(int fd) noexcept;      // client thread; owns and closes fd
-  std::string handle(const std::string& message, int fd);  // one reply; throws only bad_alloc
+  // Client thread; owns and closes fd (unless a view takes it over).
+  void serve_client(int fd, const PeerCredentials& peer) noexcept;
+  // One reply; throws only bad_alloc. `close`: end the connection after it.
+  // A view request may take `conn` (it is then released, -1).
+  std::string handle(const std::string& message, wire::UniqueFd& conn, const PeerCredentials& peer, bool& close);
 
   // Constant after construction.
   const std::string path_;

@@ -24,6 +24,7 @@
 #include "deferfs/inode_table.h"
 #include "deferfs/mutex.h"
 #include "deferfs/options.h"
+#include "deferfs/view_server.h"
 
 namespace deferfs {
 
@@ -51,6 +52,9 @@ class Daemon final : public ControlHandler {
   DiscardReport discard(const std::vector<std::string>& paths) override;
   StatsReport stats() override;
   SyncReport umount(bool discard) override;
+  // A view (spec 9): checks the peer may read `path`, then hands the
+  // connection to the ViewServer (daemon_views.cc).
+  void view(const std::string& path, const PeerCredentials& peer, int conn) override;
 
   // ---- used by the FUSE handlers (fuse_ops.cc) ----
   const MountOptions& options() const { return opts_; }
@@ -165,6 +169,7 @@ class Daemon final : public ControlHandler {
   fuse_session* se_ = nullptr;  // set before the loop runs
   std::atomic<const Transport*> transport_{nullptr};
   std::unique_ptr<ControlServer> control_;
+  std::unique_ptr<ViewServer> views_;  // created before control_, ended after it
   std::atomic<bool> discard_on_exit_{false};  // set by umount --discard (control thread), read at exit
 
   // Readahead jobs, loaded by the prefetch thread (bounded: extra jobs are

@@ -165,6 +165,25 @@ class File : public std::enable_shared_from_this<File> {
   // Stages a size change (truncate or extend). 0 or -errno.
   int truncate(uint64_t new_size) EXCLUDES(commit_mutex_, mutex_);
 
+  // ---- views (spec 9; view_server.cc) ----
+
+  // A view touched the byte at `off` (or reads [off, off+len)): makes its
+  // pages resident in the segment
+  // as a read would (merged with every other load of it; readahead follows
+  // sequential touches). A page that reads as zeros (a hole, a page past the
+  // snapshot's end or cut by a truncate) gets zero bytes in the segment, so
+  // later writes reach the views that map it. Returns 0, -EFAULT when `off`
+  // lies in a system page wholly past the end of the file, or -errno.
+  int load_for_view(uint64_t off, uint64_t len = 1) EXCLUDES(mutex_);
+  // The segment's descriptor (read-write; views get a read-only reopening).
+  int segment_fd() const { return segment_->fd(); }
+  // Views open on this file. While there are any, loads fill the segment
+  // with pwrite (segment_fill.cc), not through the daemon's mapping: a view
+  // maps a page as soon as it exists, and pwrite makes it exist only once
+  // written whole. add_view() counts one and waits for loads already going.
+  std::atomic<int> views{0};
+  void add_view() EXCLUDES(io_gate_, mutex_);
+
   // ---- snapshot validity ----
 
   enum class Validity { Unchanged, Resnapshotted, Conflict };

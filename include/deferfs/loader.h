@@ -23,9 +23,11 @@ namespace deferfs {
 // for them. Adds the bytes read to `loaded`. Called with no lock held; the
 // caller owns the pages (they are Loading: invariant I5 of file.h).
 // Returns 0, -ESTALE if the source is shorter than `base_size` says, or the
-// source's -errno.
+// source's -errno. `via_fd`: views map the segment, so the pages are filled
+// with pwrite through its fd (segment_fill.h) rather than through the
+// mapping, where a view could see a page half read.
 int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t first, uint64_t count,
-             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded);
+             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd = false);
 
 // The requests waiting for pages that another thread is loading. Each
 // waiter lives on its own stack and is hooked into the list while it waits
@@ -72,6 +74,9 @@ class Readahead {
   // source's part, below the cut, needs loading); from >= to when there is
   // nothing to load ahead.
   std::pair<uint64_t, uint64_t> follow(uint64_t off, uint64_t len, uint64_t limit);
+  // A touch at `off` inside the window already handed out (a view faults
+  // only where the last window's pages end): it counts as sequential.
+  void touched_within(uint64_t off);
 
  private:
   uint64_t max_ = 0;               // the cap (0: no readahead)

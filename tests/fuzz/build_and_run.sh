@@ -62,7 +62,7 @@ fi
 # test: no FUSE, no io_uring.
 sources_of() {
   case $1 in
-    fuzz_control_request) echo "src/control.cc src/reports.cc" ;;
+    fuzz_control_request) echo "src/protocol.cc src/reports.cc" ;;
     fuzz_mount_options) echo "src/options.cc" ;;
     fuzz_journal) echo "src/journal.cc" ;;
     *) return 1 ;;
