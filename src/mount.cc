@@ -180,7 +180,10 @@ int run_daemon(const MountOptions& given) {
     fuse_loop_cfg_set_clone_fd(cfg, 1);
     fuse_loop_cfg_set_max_threads(cfg, 16);
     fuse_loop_cfg_set_idle_threads(cfg, 8);
-    status = fuse_session_loop_mt(se, cfg) == 0 ? 0 : 1;
+    // libfuse's handlers end the loop with the signal's number: SIGTERM,
+    // SIGINT and SIGHUP are a requested unmount like any other, not a failure.
+    const int loop_rc = fuse_session_loop_mt(se, cfg);
+    status = loop_rc == 0 || loop_rc == SIGTERM || loop_rc == SIGINT || loop_rc == SIGHUP ? 0 : 1;
     fuse_loop_cfg_destroy(cfg);
     // Unmounted (umount, fusermount3 -u) or signalled: commit what is staged.
     daemon.final_sync();
