@@ -11,7 +11,7 @@
 //   DEFERFS_TRACE_KILL_AT  N or N:after: SIGKILL of the process just before
 //                          (or just after) the N-th recorded call (1-based)
 //
-// A line: "<seq> <op> <path> [args...]" with op one of
+// A line: "<seq> <ns> <op> <path> [args...]" (ns: CLOCK_MONOTONIC) with op one of
 //   write PATH OFF LEN DATAOFF   (DATAOFF -1 without DEFERFS_TRACE_DATA)
 //   truncate PATH SIZE           punch PATH OFF LEN     (fallocate: reads as zeros)
 //   fsync PATH                   (fdatasync too; PATH may be a directory)
@@ -39,6 +39,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;  // guards the log and the data file
@@ -114,7 +115,9 @@ static long record(const char* fmt, ...) {
   char line[3 * PATH_MAX];
   pthread_mutex_lock(&lock);
   long s = atomic_fetch_add(&seq, 1) + 1;
-  int n = snprintf(line, sizeof line, "%ld ", s);
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  int n = snprintf(line, sizeof line, "%ld %lld ", s, (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
   va_list ap;
   va_start(ap, fmt);
   n += vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
