@@ -145,7 +145,7 @@ class Runner:
         open(log, "w").close()
         old, new = self.setup_files()
         proc = self.daemon(log, kill_at=sync_kill)
-        before = len(tracelib.read_trace(proc.trace))
+        before = tracelib.last_seq(proc.trace)
         self.stage(new)
         t0 = time.monotonic_ns()
         sync = subprocess.Popen([DEFERFS, "sync", self.mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -75,6 +75,22 @@ static void init_once(void) {
   }
 }
 
+// Paths go into the log with space, newline and backslash as \ooo (as in
+// /proc/self/mountinfo): a line splits on spaces.
+static void escape(char* p) {
+  char tmp[PATH_MAX];
+  size_t o = 0;
+  for (const char* c = p; *c && o + 5 < sizeof tmp; ++c) {
+    if (*c == ' ' || *c == '\n' || *c == '\\') {
+      o += (size_t)snprintf(tmp + o, sizeof tmp - o, "\\%03o", (unsigned char)*c);
+    } else {
+      tmp[o++] = *c;
+    }
+  }
+  tmp[o] = 0;
+  memcpy(p, tmp, o + 1);
+}
+
 static int below_root(const char* p) {
   return root_len && strncmp(p, root, root_len) == 0 && (p[root_len] == '/' || p[root_len] == 0);
 }
@@ -86,7 +102,9 @@ static int fd_path(int fd, char* out) {
   ssize_t n = readlink(link, out, PATH_MAX - 1);
   if (n < 0) return 0;
   out[n] = 0;
-  return below_root(out);
+  if (!below_root(out)) return 0;
+  escape(out);
+  return 1;
 }
 
 static int at_path(int dirfd, const char* name, char* out) {
@@ -105,7 +123,9 @@ static int at_path(int dirfd, const char* name, char* out) {
     }
     snprintf(out, PATH_MAX, "%s/%s", dir, name);
   }
-  return below_root(out);
+  if (!below_root(out)) return 0;
+  escape(out);
+  return 1;
 }
 
 // Appends one line; returns its sequence number (0: not recorded).

@@ -310,7 +310,7 @@ def main():
         os.sync()
         d = Daemon(src, mnt, log, env=tracelib.preload_env(DEFERFS, src, trace, data=True))
         base_files, base_dirs = snapshot(src)
-        before = len(tracelib.read_trace(trace))
+        before = tracelib.last_seq(trace)
         # Scattered runs of changed pages (over 1 MiB of journal in all: it is
         # written in more than one piece), f1 grows, f2 shrinks.
         for i in range(NFILES):

@@ -55,6 +55,16 @@ class Op:
         return f"{self.seq} {self.op} {self.path} {' '.join(self.args)}"
 
 
+def _unescape(s):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def last_seq(log):
+    """The sequence number of the last call recorded so far (0 if none)."""
+    ops = read_trace(log)
+    return ops[-1].seq if ops else 0
+
+
 def read_trace(log):
     """The recorded calls, in order: [Op]. A call that failed has .failed set."""
     ops, by_seq = [], {}
@@ -72,7 +82,7 @@ def read_trace(log):
             if int(parts[3]) in by_seq:
                 by_seq[int(parts[3])].failed = True
             continue
-        o = Op(seq, ns, op, parts[3] if len(parts) > 3 else "", parts[4:])
+        o = Op(seq, ns, op, _unescape(parts[3]) if len(parts) > 3 else "", [_unescape(a) for a in parts[4:]])
         ops.append(o)
         by_seq[seq] = o
     return ops
