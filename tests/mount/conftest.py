@@ -429,6 +429,12 @@ def daemon_watch(tmp_path):
             failures.append(f"daemonized daemon {pid} exited with status {status} "
                             f"(expected {' or '.join(map(str, allowed))}) {note}")
     _expected_adopted.clear()
+    # A daemonized daemon the test left running was killed above: no dead
+    # mount of the test's stays behind.
+    for e in mountinfo():
+        if e["fstype"] == FSTYPE and e["mountpoint"].startswith(str(tmp_path) + "/"):
+            failures.append(f"{e['mountpoint']} still mounted after the test: lazy unmount")
+            _try_run("fusermount3", "-uz", e["mountpoint"])
     for path, text in daemonwatch.sanitizer_reports(logs):
         failures.append(f"sanitizer report {path}:\n{text[:4000]}")
     assert not failures, "\n".join(failures)
