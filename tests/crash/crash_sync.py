@@ -13,8 +13,8 @@ retire, recovery. Every daemon runs under the LD_PRELOAD shim io_trace.c,
 which records each write, fsync, unlink of the source's files: a
 calibration sync gives the calls of each phase; a trial aimed at a phase
 has the shim SIGKILL the daemon at one of that phase's calls, chosen at
-random, just before or just after it (planning: a timer, before the first
-call). A "recovery" trial kills the sync after it committed, then kills the
+random, just before or just after it (planning: alternately just before
+the sync's first call, and a timer within the calibrated planning time). A "recovery" trial kills the sync after it committed, then kills the
 next mount's daemon in its recovery, then mounts a third time. The phase a
 kill really landed in is read back from the killed daemon's trace, and the
 outcome is reported by that phase; the test fails unless every phase was
@@ -47,7 +47,7 @@ NFILES = 3
 
 
 def mounted(path):
-    path = os.path.realpath(path)
+    path = os.path.abspath(path)  # never a stat of the mount: its daemon may be stuck
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
 
@@ -68,6 +68,28 @@ def wait_dead(proc, timeout):
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def abort_connection(mnt):
+    """Aborts the FUSE connection of the mount on mnt (fusectl, mounted for this if need be)."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == os.path.abspath(mnt):
+                dev = fields[2].split(":")[1]
+    if dev is None:
+        return
+    ctl = "/sys/fs/fuse/connections"
+    ours = not os.path.ismount(ctl) and subprocess.run(["mount", "-t", "fusectl", "fusectl", ctl]).returncode == 0
+    try:
+        with open(os.path.join(ctl, dev, "abort"), "w") as f:
+            f.write("1")
+    except OSError as e:
+        print(f"cannot abort the FUSE connection of {mnt}: {e}")
+    finally:
+        if ours:
+            subprocess.run(["umount", ctl])
 
 
 def cleanup_mount(mnt):
@@ -106,8 +128,13 @@ class Runner:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
+            if wait_dead(proc, 10) is None:
+                # Killed, but a thread of it waits in a request to its own
+                # mount that nobody will answer: abort the FUSE connection.
+                abort_connection(self.mnt)
             rc = proc.wait()
-            self.bad_exits.append(f"{what}: the daemon did not end in {timeout}s")
+            self.bad_exits.append(f"{what}: the daemon did not end in {timeout}s (SIGKILL did not end it either: "
+                                  f"a thread of it was stuck in a request to its own mount)")
         if rc not in allowed:
             self.bad_exits.append(f"{what}: the daemon exited with status {rc}, expected {allowed}")
         cleanup_mount(self.mnt)
@@ -157,7 +184,12 @@ class Runner:
         if killed:
             # The shim's kill comes before the sync ends, unless the call
             # aimed at was never made: then the sync ends and the daemon lives.
-            rc = sync.wait(timeout=300)
+            try:
+                rc = sync.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.bad_exits.append(f"deferfs sync still running 120 s after the kill at {sync_kill or delay}")
+                sync.kill()
+                rc = sync.wait()
             if sync_kill is not None and wait_dead(proc, 2 if rc == 0 else 30) is None:
                 missed = True
                 proc.kill()
@@ -169,6 +201,9 @@ class Runner:
             self.expect_exit(proc, (0,), "a sync then umount")
         ops = tracelib.read_trace(proc.trace)
         phase = tracelib.phase_of(ops, self.src, before) if killed else "none"
+        made = [o for o in ops if o.seq > before]
+        if sync_kill is not None and ":" not in sync_kill and made and made[0].seq == int(sync_kill):
+            phase = "planning"  # killed before the sync's first call was made
         if missed:
             phase = "after the sync (the call aimed at was not made)"
         journal = os.path.exists(os.path.join(self.src, ".deferfs", "journal"))
@@ -287,7 +322,11 @@ def main():
             aim = PHASES[t % len(PHASES)]
             after = rnd.random() < 0.5
             kw = {}
-            if aim == "planning":
+            if aim == "planning" and (t // len(PHASES)) % 2 == 0:
+                # The last instant of planning: just before the sync's first call.
+                kw["sync_kill"] = str(calls[0][0].seq)
+                how = f"just before call {kw['sync_kill']}, the sync's first"
+            elif aim == "planning":
                 kw["delay"] = rnd.uniform(0, 0.9 * first_ns / 1e9)
                 how = f"timer {kw['delay'] * 1000:.0f} ms"
             elif aim == "recovery":
