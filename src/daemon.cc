@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "deferfs/log.h"
+#include "deferfs/size_limit.h"
 
 namespace deferfs {
 
@@ -30,6 +31,7 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       state_dir_fd_(state_dir_fd),
       persist_prefix_(persist_prefix(opts.source)),
       reflink_(reflink),
+      max_file_size_(probe_max_file_size(state_dir_fd)),
       state_dir_owner_{state_dir_fd},
       inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),

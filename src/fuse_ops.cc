@@ -157,6 +157,8 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
   if (!err && (valid & FUSE_SET_ATTR_SIZE)) {
     if (inode.type != S_IFREG) {
       err = inode.type == S_IFDIR ? EISDIR : EINVAL;
+    } else if (static_cast<uint64_t>(attr->st_size) > d.max_file_size()) {
+      err = EFBIG;  // as the source would answer, before anything is staged
     } else {
       std::shared_ptr<File> file;
       if (fi && fi->fh) {

@@ -169,6 +169,9 @@ void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t of
   // thread at any moment: keep what is used afterwards.
   Daemon& d = daemon_of(req);
   const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
+  // Past the source filesystem's largest file: EFBIG, or a short write up to it.
+  if (static_cast<uint64_t>(off) >= d.max_file_size()) return (void)fuse_reply_err(req, EFBIG);
+  size = static_cast<size_t>(std::min<uint64_t>(size, d.max_file_size() - static_cast<uint64_t>(off)));
   ssize_t n = file->write(buf, size, static_cast<uint64_t>(off), fi->writepage != 0);
   if (n < 0)
     fuse_reply_err(req, static_cast<int>(-n));
@@ -200,6 +203,7 @@ void op_fallocate(fuse_req_t req, fuse_ino_t, int mode, off_t off, off_t len, fu
   if (mode != 0) return (void)fuse_reply_err(req, EOPNOTSUPP);
   // Mode 0 only guarantees the range exists: extend the staged size.
   uint64_t end = static_cast<uint64_t>(off) + static_cast<uint64_t>(len);
+  if (end > daemon_of(req).max_file_size()) return (void)fuse_reply_err(req, EFBIG);
   int rc = 0;
   if (end > h->file->info().size) rc = h->file->truncate(end);
   fuse_reply_err(req, rc < 0 ? -rc : 0);

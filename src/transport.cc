@@ -1,5 +1,6 @@
 #include "deferfs/transport.h"
 
+#include <csignal>
 #include <fcntl.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -177,7 +178,9 @@ int Transport::serve() {
   // then the rings close (a request they hold unserved ends with the
   // connection, as one left in /dev/fuse does).
   stop_rings();
-  return rc == 0 ? 0 : 1;
+  // libfuse's handlers end the loop with the signal's number: SIGTERM,
+  // SIGINT and SIGHUP are a requested unmount like any other, not a failure.
+  return rc == 0 || rc == SIGTERM || rc == SIGINT || rc == SIGHUP ? 0 : 1;
 }
 
 void Transport::stop_rings() {

@@ -58,6 +58,9 @@ class Daemon final : public ControlHandler {
 
   // ---- used by the FUSE handlers (fuse_ops.cc) ----
   const MountOptions& options() const { return opts_; }
+  // The largest file the source filesystem accepts (probed at start): a
+  // truncate, fallocate or write beyond it fails with EFBIG (size_limit.h).
+  uint64_t max_file_size() const { return max_file_size_; }
   InodeTable& inodes() { return inodes_; }
   Counters& counters() { return counters_; }
   Cache& cache() { return cache_; }
@@ -151,6 +154,7 @@ class Daemon final : public ControlHandler {
   const int state_dir_fd_;    // <source>/.deferfs, or -1; owned by state_dir_owner_
   const std::string persist_prefix_;  // /dev/shm/deferfs.KEY. (persist.h)
   const bool reflink_;                // snapshots are reflink clones (spec 5.2)
+  const uint64_t max_file_size_;      // of the source filesystem (size_limit.h)
   std::string control_path_;  // set by start_threads (after the daemon forked: it holds the pid)
 
   // Owns state_dir_fd_; declared before inodes_ so it closes after the Files

@@ -11,7 +11,12 @@ import signal
 import subprocess
 import time
 
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import daemonwatch  # noqa: E402  (tests/daemonwatch.py)
 
 DEFERFS = os.environ.get("DEFERFS") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                      "../../build/src/deferfs")
@@ -28,6 +33,7 @@ class Daemon:
         self.src, self.mnt = str(src), str(mnt)
         self.log = open(log, "a")
         self.proc = subprocess.Popen([DEFERFS, self.src, self.mnt, "-f"], stderr=self.log)
+        self.expect = (0,)  # the exit statuses the test allows (a SIGKILL of its own: -9)
         end = time.time() + 10
         while not mounted(self.mnt):
             assert time.time() < end, "the mount did not appear"
@@ -39,6 +45,12 @@ class Daemon:
         return r.returncode, (json.loads(r.stdout) if "--json" in args and r.stdout else None), r.stderr
 
     def stop(self, sig=signal.SIGTERM):
+        if sig == signal.SIGKILL:
+            self.expect = (-signal.SIGKILL,)
+        self.reap(sig)
+
+    def reap(self, sig):
+        """Stops the daemon with `sig` if it runs (SIGKILL after 30 s), lazily unmounts."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -56,6 +68,7 @@ def dirs(tmp_path):
     src.mkdir()
     mnt.mkdir()
     daemons = []
+    saved = daemonwatch.sanitizer_logs(tmp_path / "sanitizer")
     yield src, mnt, tmp_path / "daemon.log", daemons
     # A clean end: the staged state a test left is dropped and the daemon
     # removes its shared memory (a SIGKILL here would leave it in /dev/shm).
@@ -63,10 +76,18 @@ def dirs(tmp_path):
     for d in live:
         subprocess.run([DEFERFS, "umount", "--discard", d.mnt], capture_output=True, timeout=60)
     for d in daemons:
-        d.stop(signal.SIGKILL)
+        d.reap(signal.SIGKILL)
     if mounted(mnt):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
-    print(open(tmp_path / "daemon.log").read() if (tmp_path / "daemon.log").exists() else "")
+    log = (tmp_path / "daemon.log").read_text(errors="replace") if (tmp_path / "daemon.log").exists() else ""
+    print(log)
+    daemonwatch.restore_env(saved)
+    # Issue 16.6: each daemon ended as the test meant it to, and reported nothing.
+    bad = [f"daemon {d.proc.pid} exited with status {d.proc.returncode}, expected {d.expect}"
+           for d in daemons if d.proc.returncode not in d.expect]
+    bad += daemonwatch.log_problems(log)
+    bad += [f"{p}: {t[:4000]}" for p, t in daemonwatch.sanitizer_reports(tmp_path / "sanitizer")]
+    assert not bad, "\n".join(bad)
 
 
 def test_sigkill_keeps_600_staged_pages(dirs):

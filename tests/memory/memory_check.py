@@ -29,6 +29,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import daemonwatch  # noqa: E402  (tests/daemonwatch.py)
+
 DEFERFS = os.environ.get("DEFERFS") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "../../build/src/deferfs")
 MiB = 1 << 20
@@ -132,7 +135,12 @@ def digest(path):
 
 
 def run(args):
+    daemonwatch.subreaper()  # the daemonized daemon's exit status comes back to us
     work = tempfile.mkdtemp(prefix="deferfs-mem-", dir=args.workdir)
+    daemonwatch.sanitizer_logs(os.path.join(work, "sanitizer"))
+    # Under AddressSanitizer, freed memory waits in a quarantine (256 MiB) to
+    # catch uses after free: that is not the daemon's memory, keep it empty.
+    os.environ["ASAN_OPTIONS"] += ":quarantine_size_mb=0:thread_local_quarantine_size_kb=0"
     src, mnt = os.path.join(work, "src"), os.path.join(work, "mnt")
     os.makedirs(src)
     os.makedirs(mnt)
@@ -192,6 +200,12 @@ def run(args):
             subprocess.run([DEFERFS, "umount", "--discard", mnt], capture_output=True)
         if mounted(mnt):
             subprocess.run(["fusermount3", "-uz", mnt])
+        # Issue 16.6: the daemon exits 0 and reports nothing.
+        for dpid, status, note in daemonwatch.adopted_exits():
+            if status != 0 or note:
+                failures.append(f"the daemon {dpid} exited with status {status} {note}")
+        for p, text in daemonwatch.sanitizer_reports(os.path.join(work, "sanitizer")):
+            failures.append(f"sanitizer report {p}:\n{text[:4000]}")
         subprocess.run(["rm", "-rf", work])
     for f in failures:
         print("FAILED:", f)
@@ -209,7 +223,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("memory_check: needs root")
-        return 77
+        return daemonwatch.no_skip_exit()
     return run(args)
 
 

@@ -67,4 +67,5 @@ def test_streaming_file_does_not_evict_a_hot_one(tmp_path):
         subprocess.run([DEFERFS, "umount", "--discard", str(mnt)], capture_output=True, timeout=60)
         if mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)])
-        proc.wait(timeout=30)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, f"the daemon exited with status {rc}"  # issue 16.6

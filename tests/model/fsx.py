@@ -788,6 +788,17 @@ def run_fsx(workdir, seed, nops, **kw):
     elapsed = time.monotonic() - t0
     if notes and failure is None:
         failure = f.report("cleanup problems: " + "; ".join(notes))
+    # The last daemon is unmounted by cleanup: it too must exit 0, and no
+    # daemon of the run may have printed a sanitizer report (issue 16.6).
+    if failure is None and f.proc is not None and f.proc.returncode != 0:
+        failure = f.report(f"the last daemon exited with status {f.proc.returncode} at the final unmount")
+    try:
+        with open(f.daemon_log, errors="replace") as log:
+            reports = mountlib.daemonwatch.log_problems(log.read())
+    except OSError:
+        reports = []
+    if failure is None and reports:
+        failure = f.report("sanitizer reports in the daemon log: " + "; ".join(reports[:5]))
     return failure, f, elapsed
 
 

@@ -35,3 +35,7 @@ start_daemon = _lib.start_daemon
 wait_for = _lib.wait_for
 write_file = _lib.write_file
 abspath = _lib._abspath
+daemon_watch = _lib.daemon_watch
+expect_daemon_exit = _lib.expect_daemon_exit
+pytest_runtest_makereport = _lib.pytest_runtest_makereport
+daemonwatch = _lib.daemonwatch

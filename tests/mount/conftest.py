@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-import uring_param
+import sys as _sys
+# Loaded by other suites too (model, views): find tests/daemonwatch.py and
+# this directory's uring_param.py wherever the importer runs from.
+_sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import daemonwatch  # noqa: E402  (tests/daemonwatch.py)
+import uring_param  # noqa: E402  (tests/mount/uring_param.py)
 
 DEFERFS = os.environ.get("DEFERFS", "/work/main/build/src/deferfs")
 # The transport every mount of the suite uses unless a test names one
@@ -201,6 +207,9 @@ class Mount:
         self.tmp = Path(tmp)
         self.log_path = Path(log_path)
         self.proc = None
+        # Exit statuses the test expects of this daemon (-N: killed by
+        # signal N); teardown fails the test on any other (issue 16.6).
+        self.expect_exit = (0,)
 
     # paths
     def m(self, rel=""):
@@ -359,6 +368,7 @@ def mount_factory(tmp_path, request):
 
     dog.cancel()
     problems = []
+    failures = []
     for m in reversed(made):
         # Staged pages a test leaves (a conflict, a failed sync) would outlive
         # the daemon in /dev/shm: drop them first (a dead daemon: nothing to do).
@@ -370,11 +380,16 @@ def mount_factory(tmp_path, request):
         print(m.log())
         for n in notes:
             print("cleanup:", n)
+        if m.proc.returncode not in m.expect_exit:
+            failures.append(f"daemon {m.proc.pid} of {m.mnt} exited with status {m.proc.returncode} "
+                            f"(expected {' or '.join(map(str, m.expect_exit))}); log {m.log_path}")
+        failures += [f"daemon {m.proc.pid} of {m.mnt}: {line}" for line in daemonwatch.log_problems(m.log())]
     _drop_big_files(tmp_path)
     if dog.fired:
         pytest.fail(f"test overran {TEST_DEADLINE}s: the watchdog killed the daemons")
     leftover = [p for p in problems if "STILL MOUNTED" in p or "did not die" in p]
     assert not leftover, leftover
+    assert not failures, "\n".join(failures)
 
 
 def _drop_big_files(top, limit=1 << 20):
@@ -394,6 +409,59 @@ def _drop_big_files(top, limit=1 << 20):
                     os.unlink(p)
             except OSError:
                 pass
+
+
+# Daemons re-parented to the test (daemonized mounts) may exit with these
+# statuses; any other fails the test. pid -> tuple of statuses.
+_expected_adopted = {}
+
+
+def expect_daemon_exit(pid, *statuses):
+    """Declares the exit statuses a daemonized daemon `pid` may end with
+    (default 0 only), e.g. expect_daemon_exit(pid, -signal.SIGKILL)."""
+    _expected_adopted[pid] = statuses
+
+
+@pytest.fixture(autouse=True)
+def daemon_watch(tmp_path):
+    """Every daemon a test starts is checked at its end (issue 16.6): the
+    test is the subreaper of its daemonized daemons and fails if one exits
+    with an unexpected status; every process writes its sanitizer reports
+    under tmp_path/sanitizer, and any report fails the test."""
+    daemonwatch.subreaper()
+    logs = tmp_path / "sanitizer"
+    saved = daemonwatch.sanitizer_logs(logs)
+    try:
+        yield
+    finally:
+        daemonwatch.restore_env(saved)
+    failures = []
+    for pid, status, note in daemonwatch.adopted_exits(comm=os.path.basename(DEFERFS)):
+        allowed = _expected_adopted.pop(pid, (0,))
+        if status is not None and status not in allowed or note:
+            failures.append(f"daemonized daemon {pid} exited with status {status} "
+                            f"(expected {' or '.join(map(str, allowed))}) {note}")
+    _expected_adopted.clear()
+    # A daemonized daemon the test left running was killed above: no dead
+    # mount of the test's stays behind.
+    for e in mountinfo():
+        if e["fstype"] == FSTYPE and e["mountpoint"].startswith(str(tmp_path) + "/"):
+            failures.append(f"{e['mountpoint']} still mounted after the test: lazy unmount")
+            _try_run("fusermount3", "-uz", e["mountpoint"])
+    for path, text in daemonwatch.sanitizer_reports(logs):
+        failures.append(f"sanitizer report {path}:\n{text[:4000]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under DEFERFS_NO_SKIP=1 (CI) a skip is a failure: the CI machine has
+    what every test needs (loop devices, tmpfs, chattr +i, useradd)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and daemonwatch.no_skip() and not hasattr(rep, "wasxfail"):
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped, and DEFERFS_NO_SKIP is set (CI runs every test): {rep.longrepr}"
 
 
 @pytest.fixture

@@ -390,6 +390,7 @@ def test_sigkill_under_load(uring, mount_factory):
     conn = connection_id(m.mnt)
     procs = _load(m, write=False)  # nothing staged: a killed daemon leaves nothing in /dev/shm
     time.sleep(1)
+    m.expect_exit = (-9,)  # the kill is the test
     m.proc.kill()
     assert m.wait_exit(10) is not None
     res = finish(procs, timeout=20)  # the connection aborts: clients see errors, none hangs
