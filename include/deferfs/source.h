@@ -93,6 +93,10 @@ class Source {
   // Takes a new private copy of the source (after a commit, or a new
   // snapshot). 0 or -errno; a no-op for sources without one.
   virtual int refresh() { return 0; }
+  // The fd of the live source file on which a commit takes its lock across
+  // mounts (an OFD lock: closing other fds of the file does not drop it), or
+  // -1 for a source without one.
+  virtual int lock_fd() const { return -1; }
 };
 
 // Reads of one file with O_DIRECT, for the loader (Source::load): a cold
@@ -137,6 +141,7 @@ class FdSource final : public Source {
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return writable_; }
   int fd() const { return fd_; }
+  int lock_fd() const override { return fd_; }
 
  private:
   const int fd_;
@@ -171,6 +176,7 @@ class CloneSource final : public Source {
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return source_.writable(); }
   bool stable() const override { return true; }
+  int lock_fd() const override { return source_.fd(); }
   int refresh() override;
 
  private:

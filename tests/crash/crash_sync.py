@@ -100,7 +100,8 @@ def trial(work, rnd, delay_max, kill=True):
             elapsed = time.perf_counter() - t0
     finally:
         cleanup_mount(mnt)
-    journal = os.path.exists(os.path.join(src, ".deferfs", "journal"))
+    # journal.ID: the killed mount's own journal (issue 13).
+    journal = any(n.startswith("journal") for n in os.listdir(os.path.join(src, ".deferfs")))
     # Remount: recovery runs before anything is served.
     proc = subprocess.Popen([DEFERFS, src, mnt, "-f"], stderr=subprocess.PIPE, text=True)
     try:
