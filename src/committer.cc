@@ -221,7 +221,7 @@ int Committer::recover_dead(int source_root_fd, int journal_dir_fd, const std::s
     if (!remove_clones) continue;
     // Its clones (never staged data) go; its spill files stay for the
     // restore of its staged files (Daemon::recover_persisted), which retires it.
-    DIR* d = fdopendir(dup(journal_dir_fd));
+    DIR* d = reopen_dir(journal_dir_fd);
     if (!d) continue;
     const std::string snap = "snap." + id + ".";
     std::vector<std::string> clones;

@@ -184,6 +184,13 @@ void Daemon::recover_persisted() {
         if (!moved.empty() && same_here(moved)) {
           log_info("%s: renamed to %s while no daemon ran; its staged pages follow it", rel.c_str(), moved.c_str());
           rel = moved;
+          // The rename moved its ctime, not its content: with its size and
+          // mtime as the snapshot had them, the snapshot stands.
+          if (static_cast<uint64_t>(st.st_size) == h.id_size && st.st_mtim.tv_sec == h.id_mtime_sec &&
+              st.st_mtim.tv_nsec == h.id_mtime_nsec) {
+            h.id_ctime_sec = st.st_ctim.tv_sec;
+            h.id_ctime_nsec = st.st_ctim.tv_nsec;
+          }
         } else {
           reason = "the file is gone or another file took its name or inode number (" +
                    describe_identity(h.file_id) + ")";
@@ -242,7 +249,7 @@ void Daemon::recover_persisted() {
   // Spill files of a dead instance of this host whose metadata did not
   // survive (a reboot) are kept aside; those of another host's instance are
   // that host's to restore; those of a live instance are its own.
-  DIR* d = fdopendir(dup(state_dir_fd_));
+  DIR* d = reopen_dir(state_dir_fd_);
   if (!d) return;
   std::vector<std::string> names;
   while (dirent* e = readdir(d)) names.push_back(e->d_name);
@@ -303,7 +310,7 @@ void Daemon::recover_persisted() {
     if (!dead || (!dead->host().empty() && dead->host() != host)) continue;
     bool left = false;
     for (const std::string& n : spills_in_use) left |= n.find(id) != std::string::npos;
-    if (DIR* dd = fdopendir(dup(state_dir_fd_))) {
+    if (DIR* dd = reopen_dir(state_dir_fd_)) {
       while (dirent* e = readdir(dd)) {
         const std::string n = e->d_name;
         if (n.find(id) != std::string::npos && n.rfind("instance.", 0) != 0) left = true;

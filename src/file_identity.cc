@@ -97,7 +97,11 @@ std::string find_by_handle(int root_fd, const std::string& root_path, const File
   h.fh.handle_bytes = id.handle_bytes;
   h.fh.handle_type = id.handle_type;
   std::memcpy(h.fh.f_handle, id.handle, id.handle_bytes);
-  int fd = open_by_handle_at(root_fd, &h.fh, O_PATH | O_CLOEXEC);
+  // The mount fd must be a real open file (an O_PATH one is refused).
+  int mfd = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (mfd < 0) return "";
+  int fd = open_by_handle_at(mfd, &h.fh, O_PATH | O_CLOEXEC);
+  close(mfd);
   if (fd < 0) return "";  // ESTALE: gone or reused; EPERM: no capability
   FileIdentity now;
   std::string rel;

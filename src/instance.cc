@@ -78,7 +78,23 @@ std::unique_ptr<Instance> Instance::create(int dir_fd, const std::string& mountp
     unlinkat(dir_fd, tmp.c_str(), 0);
     throw std::system_error(e, std::generic_category(), ".deferfs/" + name);
   }
-  return std::unique_ptr<Instance>(new Instance(dir_fd, id, fd));
+  // Its own handle on the directory: the daemon's closes before we end.
+  int own_dir = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0);
+  if (own_dir < 0) {
+    int e = errno;
+    unlinkat(dir_fd, name.c_str(), 0);
+    close(fd);
+    throw std::system_error(e, std::generic_category(), ".deferfs");
+  }
+  return std::unique_ptr<Instance>(new Instance(own_dir, id, fd));
+}
+
+DIR* reopen_dir(int dir_fd) {
+  int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return nullptr;
+  DIR* d = fdopendir(fd);
+  if (!d) close(fd);
+  return d;
 }
 
 std::string this_host() {
@@ -91,7 +107,7 @@ Instance::~Instance() {
   // Spill files left (staged data kept): the lock file stays, so that the
   // next mount knows the host whose shared memory holds the rest.
   bool leaves = false;
-  if (DIR* d = fdopendir(dup(dir_fd_))) {
+  if (DIR* d = reopen_dir(dir_fd_)) {
     const std::string spill = "spill." + id_ + ".";
     while (dirent* e = readdir(d))
       if (std::strncmp(e->d_name, spill.c_str(), spill.size()) == 0) leaves = true;
@@ -99,13 +115,14 @@ Instance::~Instance() {
   }
   if (!leaves) unlinkat(dir_fd_, (kLockPrefix + id_).c_str(), 0);  // before the lock goes
   close(fd_);
+  close(dir_fd_);
 }
 
 int Instance::relock_after_fork() { return lock_whole(fd_, F_SETLKW); }
 
 std::vector<std::string> instances_in(int dir_fd, const std::string& own) {
   std::set<std::string> ids;
-  DIR* d = fdopendir(dup(dir_fd));
+  DIR* d = reopen_dir(dir_fd);
   if (!d) return {};
   while (dirent* e = readdir(d)) {
     const std::string n = e->d_name;

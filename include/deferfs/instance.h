@@ -16,6 +16,8 @@
 // file when it ends cleanly. Not copyable.
 #pragma once
 
+#include <dirent.h>
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,7 +44,7 @@ class Instance {
 
  private:
   Instance(int dir_fd, std::string id, int fd) : dir_fd_(dir_fd), id_(std::move(id)), fd_(fd) {}
-  const int dir_fd_;  // not owned
+  const int dir_fd_;  // owned (a dup of the daemon's)
   const std::string id_;
   int fd_;
 };
@@ -82,6 +84,11 @@ class DeadInstance {
 
 // True if `id` is a live instance (its lock is held by another process).
 bool instance_alive(int state_dir_fd, const std::string& id);
+
+// A directory stream of its own on `dir_fd` (a dup would share, and leave
+// at its end, the read position of every other stream on it). Caller
+// closedir()s; nullptr on failure.
+DIR* reopen_dir(int dir_fd);
 
 // This machine's host name, as lock files record it.
 std::string this_host();
