@@ -241,8 +241,9 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
   CommitResult& result = job.result;
   const uint64_t ps = file.page_size();
 
-  // Guard of spec 5.2 during the commit (see LiveTarget).
-  if (int rc = src.identity(job.ours); rc < 0) return rc;
+  // Guard of spec 5.2 during the commit (see LiveTarget), under the lock
+  // across mounts: asked of the filesystem, not of a cache of attributes.
+  if (int rc = src.fresh_identity(job.ours); rc < 0) return rc;
   if (!job.forced && job.ours != file.identity()) return -ESTALE;
   plan.source_size = job.ours.size;  // what is really there (a forced sync over a changed source)
   auto unchanged = [&]() -> int {

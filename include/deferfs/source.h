@@ -80,6 +80,10 @@ class Source {
   // file, applied after its data). 0 or -errno.
   virtual int set_mtime(const struct timespec& mtime) { (void)mtime; return 0; }
   virtual int identity(SourceIdentity& out) = 0;
+  // The same, asking the filesystem rather than a cache of attributes
+  // (statx AT_STATX_FORCE_SYNC: a FUSE or network client asks its server):
+  // what a commit decides on, under its lock across mounts (issue 13.2).
+  virtual int fresh_identity(SourceIdentity& out) { return identity(out); }
   // Offset of the first data byte at or after `off` (SEEK_DATA), the file size
   // if there is none, or -errno. Sources that do not know holes return `off`.
   virtual int64_t next_data(uint64_t off) = 0;
@@ -137,6 +141,7 @@ class FdSource final : public Source {
   int sync() override;
   int set_mtime(const struct timespec& mtime) override;
   int identity(SourceIdentity& out) override;
+  int fresh_identity(SourceIdentity& out) override;
   int64_t next_data(uint64_t off) override;
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return writable_; }
@@ -172,6 +177,7 @@ class CloneSource final : public Source {
   int sync() override;
   int set_mtime(const struct timespec& mtime) override;
   int identity(SourceIdentity& out) override;
+  int fresh_identity(SourceIdentity& out) override { return source_.fresh_identity(out); }
   int64_t next_data(uint64_t off) override;
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return source_.writable(); }
