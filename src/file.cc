@@ -278,6 +278,7 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   }
   identity_ = now;
   base_size_ = size_ = cut_ = now.size;
+  source_->forget_cached();  // a network client may still cache the old pages
   if (int rc = source_->refresh(); rc < 0)
     log_error("%s: cannot take a new reflink snapshot: %s", name_.c_str(), std::strerror(-rc));
   segment_->reserve(size_);

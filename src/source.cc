@@ -265,6 +265,8 @@ int FdSource::identity(SourceIdentity& out) {
   return 0;
 }
 
+void FdSource::forget_cached() { posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED); }
+
 int FdSource::fresh_identity(SourceIdentity& out) {
   struct statx sx;
   if (statx(fd_, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, &sx) < 0) return identity(out);

@@ -101,6 +101,10 @@ class Source {
   // mounts (an OFD lock: closing other fds of the file does not drop it), or
   // -1 for a source without one.
   virtual int lock_fd() const { return -1; }
+  // Drops the kernel's cached pages of the source file: after a change seen
+  // from outside, a network client's cache (GlusterFS, NFS) may still hold
+  // the old pages, and a new snapshot must not load them.
+  virtual void forget_cached() {}
 };
 
 // Reads of one file with O_DIRECT, for the loader (Source::load): a cold
@@ -147,6 +151,7 @@ class FdSource final : public Source {
   bool writable() const override { return writable_; }
   int fd() const { return fd_; }
   int lock_fd() const override { return fd_; }
+  void forget_cached() override;
 
  private:
   const int fd_;

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 VOLUME = "deferfs_test"
+COHERENCE_OPTIONS = ("performance.stat-prefetch", "performance.quick-read", "performance.io-cache")
 
 
 def mounted(path):
@@ -84,6 +85,12 @@ class Gluster:
         bricks = [f"{self.host}:{os.path.join(self.dir, 'bricks', b)}" for b in ("b1", "b2")]
         os.makedirs(os.path.join(self.dir, "bricks"))
         self._cli("volume", "create", VOLUME, "replica", "2", *bricks, "force")
+        # Client-side caches of attributes and small-file content that
+        # another client's change does not invalidate: off, so that what one
+        # client (one deferfs mount) commits is seen by the other (README:
+        # running over a distributed filesystem).
+        for opt in COHERENCE_OPTIONS:
+            self._cli("volume", "set", VOLUME, opt, "off")
         self._cli("volume", "start", VOLUME)
         for i in range(clients):
             m = os.path.join(self.dir, f"client{i}")

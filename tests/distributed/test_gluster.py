@@ -17,6 +17,7 @@ both of the same directory of the volume. Checked:
   all old or all new.
 """
 import json
+import mmap
 import os
 import random
 import signal
@@ -102,6 +103,17 @@ def pair(volume, tmp_path):
         return m
 
     mounts = [start(0), start(1)]
+
+    def bricks(rel):
+        """The file's content on each brick (the replicas themselves: no
+        client cache in between)."""
+        out = []
+        for b in ("b1", "b2"):
+            with open(os.path.join(volume.dir, "bricks", b, name, rel), "rb") as f:
+                out.append(f.read())
+        return out
+
+    start.bricks = bricks
     yield srcs, mounts, start
     for m in started:
         m.stop()
@@ -111,12 +123,23 @@ def pair(volume, tmp_path):
                                           if (tmp_path / f"daemon{i}.log").exists() else ""))
 
 
+def read_direct(path, off, length=PAGE):
+    """`length` bytes at `off`, read with O_DIRECT (an aligned buffer)."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], off)
+    finally:
+        os.close(fd)
+    return bytes(buf[:n])
+
+
 def fill(tag, n):
     return bytes([tag]) * (n * PAGE)
 
 
 def test_lazy_open_staged_writes_and_sync(pair):
-    srcs, (a, b), _ = pair
+    srcs, (a, b), start = pair
     with open(os.path.join(srcs[0], "big"), "wb") as f:
         f.truncate(64 << 20)
         f.seek(0)
@@ -137,13 +160,15 @@ def test_lazy_open_staged_writes_and_sync(pair):
         f.seek(5 * PAGE)
         assert f.read(6) != b"staged"
     a.cli("sync", check=True)
-    with open(os.path.join(srcs[1], "big"), "rb") as f:
-        f.seek(5 * PAGE)
-        assert f.read(600) == b"staged" * 100
+    for replica in start.bricks("big"):
+        assert replica[5 * PAGE:5 * PAGE + 600] == b"staged" * 100
+    # The other client, past its own page cache (O_DIRECT): it still holds
+    # the old pages it read above, and gluster does not invalidate them.
+    assert read_direct(os.path.join(srcs[1], "big"), 5 * PAGE)[:600] == b"staged" * 100
 
 
 def test_guard_sees_the_other_mounts_commit(pair):
-    srcs, (a, b), _ = pair
+    srcs, (a, b), start = pair
     for n in ("s", "c"):
         with open(os.path.join(srcs[0], n), "wb") as f:
             f.write(fill(ord("o"), 8))
@@ -163,7 +188,7 @@ def test_guard_sees_the_other_mounts_commit(pair):
     # b's sync is refused at once (the check under the lock asks the server).
     rc, r, err = b.cli("sync", "--json")
     assert rc != 0 and r["conflicts"] == ["s"], (rc, r, err)
-    assert open(os.path.join(srcs[1], "s"), "rb").read() == fill(ord("a"), 8), "no page of b's landed"
+    assert start.bricks("s") == [fill(ord("a"), 8)] * 2, "no page of b's landed"
     time.sleep(ATTR_TIMEOUT)
     rc, st, _ = b.cli("status", "--json")
     assert st["files"][0]["path"] == "s" and st["files"][0]["state"] == "conflict", st
@@ -174,7 +199,7 @@ def test_guard_sees_the_other_mounts_commit(pair):
 
 
 def test_concurrent_syncs_100_rounds_every_file_whole(pair):
-    srcs, (a, b), _ = pair
+    srcs, (a, b), start = pair
     files, pages = ["f0", "f1", "f2"], 16
     for n in files:
         with open(os.path.join(srcs[0], n), "wb") as f:
@@ -194,12 +219,12 @@ def test_concurrent_syncs_100_rounds_every_file_whole(pair):
                                   stderr=subprocess.PIPE, text=True) for m in (a, b)]
         outs = [p.communicate(timeout=120) for p in procs]
         for n in files:
-            data = open(os.path.join(srcs[0], n), "rb").read()
-            assert len(data) == pages * PAGE, (r, n, len(data))
-            assert data == data[:1] * len(data), f"round {r}: {n} is a mix of versions"
-            assert data[:1] in versions, (r, n, data[:1])
-            # Both clients see the same file.
-            assert open(os.path.join(srcs[1], n), "rb").read() == data
+            # On both replicas, the same whole version.
+            r1, r2 = start.bricks(n)
+            assert r1 == r2, f"round {r}: {n} differs between the replicas"
+            assert len(r1) == pages * PAGE, (r, n, len(r1))
+            assert r1 == r1[:1] * len(r1), f"round {r}: {n} is a mix of versions"
+            assert r1[:1] in versions, (r, n, r1[:1])
         for who, (out, err) in zip(("a", "b"), outs):
             rep = json.loads(out)
             wins[who] += rep["files"]
@@ -242,14 +267,15 @@ def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair):
         os.close(fd)
         rc, r, err = b.cli("sync", "--json")
         assert rc == 0 and r["files"] == 1, (rc, r, err)
-        assert open(os.path.join(srcs[1], "g"), "rb").read() == fill(1 + b_syncs % 250, 4)
+        assert start.bricks("g") == [fill(1 + b_syncs % 250, 4)] * 2
         b_syncs += 1
     assert b.proc.poll() is None, "the live mount died"
     # a's next mount, on the same client: everything whole.
     a2 = start(0)
     state = []
     for n in files:
-        data = open(os.path.join(srcs[0], n), "rb").read()
+        r1, r2 = start.bricks(n)
+        data = r1 if r1 == r2 else b"replicas differ"
         state.append("old" if data == old[n] else "new" if data == new[n] else "TORN")
     assert state in (["old"] * 3, ["new"] * 3), state
     log = a2.log() + b.log()
