@@ -295,3 +295,28 @@ def test_killed_mount_is_recovered_by_the_next_not_by_the_live_one(env):
     assert rc == 0, err
     data = (src / "f").read_bytes()
     assert data[3 * PAGE:5 * PAGE] == b"S" * 2 * PAGE and data[9 * PAGE:10 * PAGE] == b"b" * PAGE
+
+
+def test_spill_file_without_metadata_is_kept_aside(env):
+    """A spill file of an ended daemon whose metadata in /dev/shm is gone
+    (a reboot) is kept aside with its pages, not deleted."""
+    src, start, log = env
+    (src / "f").write_bytes(b"o" * 8 * PAGE)
+    os.mkdir(src / ".deferfs", 0o700)
+    spill = src / ".deferfs" / "spill.0123456789abcdef.66.77"
+    with open(spill, "wb") as f:
+        f.seek(PAGE)
+        f.write(b"S" * PAGE)
+        f.seek(3 * PAGE)
+        f.write(b"S" * PAGE)
+    d = start()
+    assert not spill.exists()
+    assert "metadata is lost; kept aside" in open(log).read()
+    rc, st, _ = d.cli("status", "--json")
+    assert len(st["orphans"]) == 1, st
+    odir = src / ".deferfs" / "orphans" / st["orphans"][0]
+    data = (odir / "pages").read_bytes()
+    assert data[PAGE:2 * PAGE] == b"S" * PAGE and data[3 * PAGE:4 * PAGE] == b"S" * PAGE
+    assert "spill.0123456789abcdef.66.77" in (odir / "manifest").read_text()
+    r = subprocess.run([DEFERFS, "orphans", "--remove-all", d.mnt], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not odir.exists(), r.stderr

@@ -235,9 +235,21 @@ def test_concurrent_syncs_100_rounds_every_file_whole(pair):
     assert wins["a"] + wins["b"] >= 100 * len(files) / 2, wins
 
 
-def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair):
+def wait_for_journal(state_dir, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if any(n.startswith("journal.") for n in os.listdir(state_dir)):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("when", ["early", "journal", "late"])
+def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair, when):
+    """Killed before its journal exists, as soon as it exists, or a moment
+    later (decided, applying): the other mount keeps syncing meanwhile."""
     srcs, (a, b), start = pair
-    files, pages = ["k0", "k1", "k2"], 3000
+    files, pages = ["k0", "k1", "k2"], 1500
     old = {}
     for n in files:
         data = os.urandom(pages * PAGE)
@@ -254,13 +266,18 @@ def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair):
         os.pwrite(fd, data, 0)
         os.close(fd)
         new[n] = data
-    # b syncs its own file in a loop while a is killed mid-sync.
-    stop = time.time() + 6
-    b_syncs = 0
     sync_a = subprocess.Popen([DEFERFS, "sync", a.mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.uniform(0.2, 1.0))
+    if when == "early":
+        time.sleep(random.uniform(0.05, 0.3))
+    else:
+        assert wait_for_journal(os.path.join(srcs[0], ".deferfs")), "the sync never wrote its journal"
+        if when == "late":
+            time.sleep(random.uniform(0.2, 0.6))
     a.kill()
     sync_a.wait(timeout=60)
+    # b syncs its own file again and again: unaffected.
+    stop = time.time() + 3
+    b_syncs = 0
     while time.time() < stop:
         fd = os.open(b.m("g"), os.O_WRONLY)
         os.pwrite(fd, fill(1 + b_syncs % 250, 4), 0)
@@ -270,7 +287,7 @@ def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair):
         assert start.bricks("g") == [fill(1 + b_syncs % 250, 4)] * 2
         b_syncs += 1
     assert b.proc.poll() is None, "the live mount died"
-    # a's next mount, on the same client: everything whole.
+    # a's next mount, on the same client: every file whole, on both replicas.
     a2 = start(0)
     state = []
     for n in files:
@@ -279,11 +296,16 @@ def test_sigkill_mid_sync_while_the_other_keeps_syncing(pair):
         state.append("old" if data == old[n] else "new" if data == new[n] else "TORN")
     assert state in (["old"] * 3, ["new"] * 3), state
     log = a2.log() + b.log()
-    print(f"after the kill: {state}, b synced {b_syncs} times; recovery: "
-          f"{'finished' if 'finished an interrupted sync' in log else 'dropped or none'}")
-    # The killed mount's staged pages are back on its next mount when the sync had not decided.
+    print(f"kill {when}: {state}, b synced {b_syncs} times meanwhile; the journal was "
+          f"{'finished' if 'finished an interrupted sync' in log else 'dropped' if 'had not committed' in log else 'absent'}")
     rc, st, _ = a2.cli("status", "--json")
     if state == ["old"] * 3:
+        # Not committed: the killed mount's staged pages are back, staged.
         assert st["dirty_pages"] == 3 * pages, st
+        rc, r, err = a2.cli("sync", "--json")
+        assert rc == 0 and r["files"] == 3, (r, err)
+        for n in files:
+            assert start.bricks(n) == [new[n]] * 2
     rc, st, _ = b.cli("status", "--json")
     assert st["files"] == [], st
+    assert not [n for n in os.listdir(os.path.join(srcs[0], ".deferfs")) if n.startswith("journal")]
