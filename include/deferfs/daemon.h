@@ -138,7 +138,7 @@ class Daemon final : public ControlHandler {
  public:
   // Restores the staged files a previous daemon of this SOURCE left (spec
   // 6.5). Before serving. Logs each file.
-  // (recovery.cc: staged data proven to be the file's is restored, the
+  // (daemon_recovery.cc: staged data proven to be the file's is restored, the
   // rest kept aside as orphans.)
   void recover_persisted();
  private:
