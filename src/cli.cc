@@ -2,6 +2,7 @@
 // parsing, finding the mount and its control socket from a path, the call,
 // and human or JSON output.
 #include "deferfs/cli.h"
+#include "deferfs/orphans.h"
 
 #include <sys/xattr.h>
 #include <signal.h>
@@ -179,6 +180,7 @@ void report_failed(const Target& t, const std::vector<FileError>& failed, const 
 }
 
 void print_status(const Target& t, const StatusReport& r) {
+  print_orphans_note(r.orphans);
   if (r.files.empty()) {
     std::puts("nothing staged");
     return;
@@ -448,6 +450,7 @@ void print_usage(std::FILE* out) {
       "  deferfs discard [--json] [PATH...]             drop staged changes\n"
       "  deferfs stats   [--json] [PATH]                show the counters of the mount\n"
       "  deferfs umount  [--discard] MOUNTPOINT         sync (or discard), then unmount\n"
+      "  deferfs orphans [--json] [--remove NAME|--remove-all] DIR  staged data whose file is gone\n"
       "  deferfs --help                                 show this text\n"
       "\n"
       "Mounting: -f stays in the foreground, -d prints FUSE debugging (implies -f).\n"

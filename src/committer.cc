@@ -1,5 +1,6 @@
 #include "deferfs/committer.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <shared_mutex>
 
+#include "deferfs/instance.h"
 #include "deferfs/journal.h"
 #include "deferfs/log.h"
 
@@ -138,8 +140,12 @@ class Committer::LiveTarget : public JournalTarget {
   uint64_t batch_bytes_ = 0;
 };
 
-Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)
-    : counters_(counters), source_root_fd_(source_root_fd), journal_dir_fd_(journal_dir_fd) {
+Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd, std::string journal_name)
+    : counters_(counters),
+      source_root_fd_(source_root_fd),
+      journal_dir_fd_(journal_dir_fd),
+      journal_name_(std::move(journal_name)) {
+  if (journal_name_.rfind("journal.", 0) == 0) own_id_ = journal_name_.substr(8);
   // A mount without its .deferfs directory gets no journal (syncs fail with
   // a message): a journal elsewhere would not be found after a crash.
   if (journal_dir_fd_ >= 0 || source_root_fd_ >= 0) return;
@@ -152,29 +158,30 @@ Committer::Committer(Counters& counters, int source_root_fd, int journal_dir_fd)
 
 Committer::~Committer() {
   if (temp_dir_.empty()) return;
-  unlinkat(journal_dir_fd_, kJournalName, 0);
+  unlinkat(journal_dir_fd_, journal_name_.c_str(), 0);
   close(journal_dir_fd_);
   rmdir(temp_dir_.c_str());
 }
 
-int Committer::recover(int source_root_fd, int journal_dir_fd, uint64_t* files_out, uint64_t* bytes_out) {
+int Committer::recover(int source_root_fd, int journal_dir_fd, uint64_t* files_out, uint64_t* bytes_out,
+                       const std::string& name) {
   if (files_out) *files_out = 0;
   if (bytes_out) *bytes_out = 0;
   std::string why;
-  switch (check_journal(journal_dir_fd, kJournalName, why)) {
+  switch (check_journal(journal_dir_fd, name, why)) {
     case JournalCheck::Missing:
       return 0;
     case JournalCheck::Incomplete:
       log_info("found an interrupted sync that had not committed (%s): ignoring it; "
                "the source files are unchanged by it", why.c_str());
-      unlinkat(journal_dir_fd, kJournalName, 0);
+      unlinkat(journal_dir_fd, name.c_str(), 0);
       return 0;
     case JournalCheck::Complete:
       break;
   }
   PathJournalTarget target(source_root_fd);
   uint64_t files = 0, bytes = 0;
-  int rc = replay_journal(journal_dir_fd, kJournalName, target, &files, &bytes);
+  int rc = replay_journal(journal_dir_fd, name, target, &files, &bytes);
   if (files_out) *files_out = files;
   if (bytes_out) *bytes_out = bytes;
   if (rc < 0) {
@@ -184,10 +191,46 @@ int Committer::recover(int source_root_fd, int journal_dir_fd, uint64_t* files_o
   }
   for (const std::string& p : target.skipped)
     log_error("%s: named by an interrupted sync but gone or replaced; not changed", p.c_str());
-  unlinkat(journal_dir_fd, kJournalName, 0);
+  unlinkat(journal_dir_fd, name.c_str(), 0);
   fsync(journal_dir_fd);
   log_info("finished an interrupted sync: %llu files committed", static_cast<unsigned long long>(files));
   return 0;
+}
+
+int Committer::recover_dead(int source_root_fd, int journal_dir_fd, const std::string& own_id,
+                            bool remove_clones) {
+  int handled = 0;
+  // A journal of a deferfs from before instances: nobody can own it now.
+  std::string why;
+  if (check_journal(journal_dir_fd, kJournalName, why) != JournalCheck::Missing) {
+    recover(source_root_fd, journal_dir_fd, nullptr, nullptr, kJournalName);
+    ++handled;
+  }
+  for (const std::string& id : instances_in(journal_dir_fd, own_id)) {
+    const std::string jname = journal_name(id);
+    const bool has_journal = faccessat(journal_dir_fd, jname.c_str(), F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+    if (!has_journal && !remove_clones) continue;
+    std::unique_ptr<DeadInstance> dead = DeadInstance::claim(journal_dir_fd, id);
+    if (!dead) continue;  // alive: its files are its own
+    if (has_journal) {
+      log_info("instance %s of this source is gone (its lock is free): finishing its interrupted sync",
+               id.c_str());
+      if (recover(source_root_fd, journal_dir_fd, nullptr, nullptr, jname) < 0) continue;
+      ++handled;
+    }
+    if (!remove_clones) continue;
+    // Its clones (never staged data) go; its spill files stay for the
+    // restore of its staged files (Daemon::recover_persisted), which retires it.
+    DIR* d = reopen_dir(journal_dir_fd);
+    if (!d) continue;
+    const std::string snap = "snap." + id + ".";
+    std::vector<std::string> clones;
+    while (dirent* e = readdir(d))
+      if (std::strncmp(e->d_name, snap.c_str(), snap.size()) == 0) clones.push_back(e->d_name);
+    closedir(d);
+    for (const std::string& c : clones) unlinkat(journal_dir_fd, c.c_str(), 0);
+  }
+  return handled;
 }
 
 int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_t total,
@@ -198,8 +241,9 @@ int Committer::prepare(Job& job, JournalWriter& journal, uint64_t& done, uint64_
   CommitResult& result = job.result;
   const uint64_t ps = file.page_size();
 
-  // Guard of spec 5.2 during the commit (see LiveTarget).
-  if (int rc = src.identity(job.ours); rc < 0) return rc;
+  // Guard of spec 5.2 during the commit (see LiveTarget), under the lock
+  // across mounts: asked of the filesystem, not of a cache of attributes.
+  if (int rc = src.fresh_identity(job.ours); rc < 0) return rc;
   if (!job.forced && job.ours != file.identity()) return -ESTALE;
   plan.source_size = job.ours.size;  // what is really there (a forced sync over a changed source)
   auto unchanged = [&]() -> int {
@@ -341,7 +385,10 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
   // Its bytes count in this sync's report: they are committed now.
   if (source_root_fd_ >= 0) {
     uint64_t files = 0, bytes = 0;
-    recover(source_root_fd_, journal_dir_fd_, &files, &bytes);
+    // Another mount's sync, decided and interrupted by its death, is
+    // finished before this one compares (its files stay whole).
+    if (journal_dir_fd_ >= 0) recover_dead(source_root_fd_, journal_dir_fd_, own_id_, false);
+    recover(source_root_fd_, journal_dir_fd_, &files, &bytes, journal_name_);
     const uint64_t ps = targets.empty() ? 4096 : targets.front().file->page_size();
     report.bytes_written += bytes;
     report.pages_written += (bytes + ps - 1) / ps;
@@ -414,7 +461,47 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
 
   const double plan_ms = clock.lap();
   // 1. Compare and journal.
-  JournalWriter journal(journal_dir_fd_, kJournalName);
+  // Across mounts: the apply of a file is serialized by an OFD lock on the
+  // source file itself (it lives on the shared filesystem), taken in path
+  // order so that two mounts syncing overlapping sets cannot deadlock.
+  // prepare() checks the identity under it.
+  std::vector<Job*> by_path;
+  for (auto& job : jobs) by_path.push_back(job.get());
+  std::sort(by_path.begin(), by_path.end(),
+            [](const Job* a, const Job* b) { return a->target->path < b->target->path; });
+  std::vector<int> locked;
+  struct Unlock {
+    std::vector<int>& fds;
+    ~Unlock() {
+      for (int fd : fds) {
+        struct flock fl = {};
+        fl.l_type = F_UNLCK;
+        fl.l_whence = SEEK_SET;
+        fcntl(fd, F_OFD_SETLK, &fl);
+      }
+    }
+  } unlock{locked};
+  for (Job* job : by_path) {
+    const int fd = job->target->file->source().lock_fd();
+    if (fd < 0) continue;
+    struct flock fl = {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    int rc;
+    while ((rc = fcntl(fd, F_OFD_SETLKW, &fl)) < 0 && errno == EINTR) {
+    }
+    if (rc == 0) {
+      locked.push_back(fd);
+    } else if (errno != EBADF && errno != ENOLCK && errno != EOPNOTSUPP && errno != EINVAL) {
+      fail_code = errno;
+      end_all(false, std::string("locking the source file: ") + std::strerror(errno), job, false);
+      return report;
+    }
+    // A source opened read-only (EBADF) fails in prepare; a filesystem
+    // without locks (ENOLCK) gets no serialization across mounts.
+  }
+
+  JournalWriter journal(journal_dir_fd_, journal_name_);
   uint64_t done = 0;
   for (auto& job : jobs) {
     int rc = journal.error() ? journal.error() : prepare(*job, journal, done, total, progress);
@@ -445,7 +532,7 @@ SyncReport Committer::commit(const std::vector<CommitTarget>& targets, bool forc
   LiveTarget target(live);
   // The journal was written and fsynced just now by this process, under
   // sync_mutex_: its checksum is not read back again.
-  int rc = replay_journal(journal_dir_fd_, kJournalName, target, nullptr, nullptr, /*verify_sum=*/false);
+  int rc = replay_journal(journal_dir_fd_, journal_name_, target, nullptr, nullptr, /*verify_sum=*/false);
   if (rc == -ESTALE) {
     // Decided but not fully applied: the journal stays and the next sync or
     // mount finishes it; the staged pages stay too.

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "deferfs/instance.h"
 #include "deferfs/log.h"
 #include "deferfs/size_limit.h"
 
@@ -25,19 +26,23 @@ std::string make_control_path(const MountOptions& opts) {
 
 }  // namespace
 
-Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink)
+Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink,
+               std::string instance_id)
     : opts_(opts),
       source_root_fd_(source_root_fd),
       state_dir_fd_(state_dir_fd),
       persist_prefix_(persist_prefix(opts.source)),
       reflink_(reflink),
       max_file_size_(probe_max_file_size(state_dir_fd)),
+      instance_id_(std::move(instance_id)),
       state_dir_owner_{state_dir_fd},
       inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
       kept_(SnapshotCache::default_max_files()),
-      committer_(counters_, source_root_fd, state_dir_fd) {
+      committer_(counters_, source_root_fd, state_dir_fd,
+                 instance_id_.empty() ? std::string(kJournalName) : journal_name(instance_id_)) {
   inodes_.set_release_hook([this](Inode& inode) { keep_snapshot(inode); });
+  take_identity(source_root_fd, root_id_);
 }
 
 Daemon::~Daemon() {
@@ -233,15 +238,19 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
   }
   try {
     // Staged pages of a writable file must outlive the daemon (spec 6.5).
-    PersistConfig persist{persist_prefix_ + std::to_string(inode.dev) + "." + std::to_string(inode.ino),
-                          opts_.source};
+    // Named by this mount's instance id, and stamped with the identity of
+    // the very file and root they are staged for (issue 16).
+    PersistConfig persist{persist_prefix_ + instance_id_ + "." + std::to_string(inode.dev) + "." +
+                              std::to_string(inode.ino),
+                          opts_.source, instance_id_, {}, root_id_};
+    if (writable) take_identity(fd, persist.file_id);
     std::unique_ptr<Source> source;
     if (reflink_) {
       // The snapshot is a clone: outside changes cannot reach it (spec 5.2).
       // Taken now, before any page is served, so no window is left open.
       try {
         source = std::make_unique<CloneSource>(fd, writable, state_dir_fd_,
-                                               "snap." + std::to_string(inode.dev) + "." + std::to_string(inode.ino));
+                                               clone_name(instance_id_, inode.dev, inode.ino));
       } catch (const std::system_error& e) {
         // Another filesystem below the source (a mount inside it): guard.
         log_info("%s: no reflink snapshot (%s); guarding it instead", name.c_str(),

@@ -96,6 +96,7 @@ StatusReport Daemon::status(const std::vector<std::string>& paths) {
     r.dirty_bytes += e.dirty_bytes;
     r.files.push_back(std::move(e));
   }
+  r.orphans = orphans();
   return r;
 }
 

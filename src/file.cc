@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <system_error>
@@ -38,6 +39,10 @@ File::File(std::unique_ptr<Source> source, uint64_t page_size, Counters& counter
     source_root_ = persist->source_root;
     try {
       meta_ = PersistMeta::create(persist->prefix + ".meta", div_up(size_, page_size_));
+      PersistedHeader& h = meta_->header();
+      std::snprintf(h.instance, sizeof h.instance, "%s", persist->instance.c_str());
+      h.file_id = persist->file_id;
+      h.root_id = persist->root_id;
       segment_ = std::make_unique<Segment>(persist->prefix + ".seg", size_, false);
     } catch (const std::system_error& e) {
       log_error("%s: staged pages cannot outlive the daemon (%s); keeping them in private memory",
@@ -273,6 +278,7 @@ void File::resnapshot_locked(const SourceIdentity& now) {
   }
   identity_ = now;
   base_size_ = size_ = cut_ = now.size;
+  source_->forget_cached();  // a network client may still cache the old pages
   if (int rc = source_->refresh(); rc < 0)
     log_error("%s: cannot take a new reflink snapshot: %s", name_.c_str(), std::strerror(-rc));
   segment_->reserve(size_);

@@ -440,11 +440,22 @@ int PathJournalTarget::open(const std::string& path, dev_t dev, ino_t ino) {
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
   fd_ = static_cast<int>(syscall(SYS_openat2, root_fd_, path.c_str(), &how, sizeof how));
   struct stat st;
-  if (fd_ < 0 || fstat(fd_, &st) < 0 || st.st_dev != dev || st.st_ino != ino) {
+  // The device number is not compared: the clients of a distributed
+  // filesystem show one file under different ones (another mount's journal
+  // is finished by this one, issue 13); the path and inode number are.
+  (void)dev;
+  if (fd_ < 0 || fstat(fd_, &st) < 0 || st.st_ino != ino) {
     skipped.push_back(path);
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
     return 1;
+  }
+  // Serialized with another mount's apply of the same file (committer.h):
+  // the lock goes when fd_ is closed.
+  struct flock fl = {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  while (fcntl(fd_, F_OFD_SETLKW, &fl) < 0 && errno == EINTR) {
   }
   return 0;
 }

@@ -8,6 +8,7 @@
 #include "deferfs/cli.h"
 #include "deferfs/daemon.h"
 #include "deferfs/options.h"
+#include "deferfs/orphans.h"
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (deferfs::is_cli_command(args[0])) return deferfs::cli_main(args);
+  if (args[0] == "orphans") return deferfs::orphans_main(args);
   if (args[0] == "mount") {
     args.erase(args.begin());
   } else if (args[0].find('/') == std::string::npos && args[0] != "." && args[0] != ".." &&

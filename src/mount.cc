@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "deferfs/fuse_ops.h"
+#include "deferfs/instance.h"
 #include "deferfs/log.h"
 #include "deferfs/transport.h"
 
@@ -132,10 +133,21 @@ int run_daemon(const MountOptions& given) {
       close(state_fd);
       state_fd = -1;
     }
-    if (state_fd >= 0 && Committer::recover(root_fd, state_fd) < 0)
-      std::fprintf(stderr, "deferfs: %s: an interrupted sync could not be finished (see above)\n",
-                   opts.source.c_str());
   }
+  // This mount's identity (issue 13): its lock in .deferfs says it is alive.
+  std::unique_ptr<Instance> instance;
+  if (state_fd >= 0) {
+    try {
+      instance = Instance::create(state_fd, opts.mountpoint);
+    } catch (const std::system_error& e) {
+      std::fprintf(stderr, "deferfs: %s/.deferfs: %s; sync will not be possible\n", opts.source.c_str(),
+                   e.what());
+      close(state_fd);
+      state_fd = -1;
+    }
+  }
+  // Interrupted syncs of this source's dead instances (never a live one's).
+  if (state_fd >= 0) Committer::recover_dead(root_fd, state_fd, instance->id(), true);
   // snapshot=auto picks reflink where the source filesystem can clone.
   bool reflink = false;
   if (opts.snapshot != SnapshotMode::Guard && state_fd >= 0) reflink = reflink_supported(state_fd);
@@ -150,7 +162,7 @@ int run_daemon(const MountOptions& given) {
     close(root_fd);
     return 2;
   }
-  Daemon daemon(opts, root_fd, state_fd, reflink);
+  Daemon daemon(opts, root_fd, state_fd, reflink, instance ? instance->id() : std::string());
   if (!opts.read_only) daemon.recover_persisted();
   const fuse_lowlevel_ops ops = make_fuse_ops();
   fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, &daemon);
@@ -178,6 +190,10 @@ int run_daemon(const MountOptions& given) {
     fuse_session_destroy(se);
     return 1;
   }
+  // The lock is the parent's until it exits: the daemon takes it over.
+  if (instance)
+    if (int rc = instance->relock_after_fork(); rc < 0)
+      log_error("%s/.deferfs: cannot lock this mount's instance file: %s", opts.source.c_str(), std::strerror(-rc));
   log_to_syslog(!(opts.foreground || opts.debug));
   log_set_debug(opts.debug);
   try {

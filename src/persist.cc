@@ -59,7 +59,7 @@ std::unique_ptr<PersistMeta> PersistMeta::create(const std::string& path, uint64
   std::unique_ptr<PersistMeta> m(new PersistMeta(path, fd));
   if (int rc = m->map(pages); rc < 0) throw std::system_error(-rc, std::generic_category(), path);
   std::memcpy(m->header_->magic, kMagic, sizeof kMagic);
-  m->header_->version = 1;
+  m->header_->version = 2;
   return m;
 }
 
@@ -83,7 +83,7 @@ std::unique_ptr<PersistMeta> PersistMeta::open_existing(const std::string& path,
   std::unique_ptr<PersistMeta> m(new PersistMeta(path, fd));
   m->keep_ = true;  // until the caller decides
   if (m->map(static_cast<uint64_t>(st.st_size) - sizeof(PersistedHeader)) < 0 ||
-      std::memcmp(m->header_->magic, kMagic, sizeof kMagic) != 0 || m->header_->version != 1 ||
+      std::memcmp(m->header_->magic, kMagic, sizeof kMagic) != 0 || (m->header_->version != 1 && m->header_->version != 2) ||
       m->header_->path_len >= sizeof m->header_->path) {
     why = "not a deferfs metadata file";
     return nullptr;
@@ -108,8 +108,8 @@ std::vector<uint64_t> PersistMeta::staged_pages() const {
   return out;
 }
 
-int reclaim_orphans() {
-  int reclaimed = 0;
+int count_homeless() {
+  int homeless = 0;
   for (const std::string& meta_path : list_persisted(std::string(kShmDir) + "/deferfs.")) {
     std::string why;
     std::unique_ptr<PersistMeta> m = PersistMeta::open_existing(meta_path, why);
@@ -117,12 +117,9 @@ int reclaim_orphans() {
     const PersistedHeader& h = m->header();
     std::string root(h.source_root, strnlen(h.source_root, sizeof h.source_root));
     struct stat st;
-    if (root.empty() || stat(root.c_str(), &st) == 0) continue;  // its source may come back
-    m->keep(false);
-    unlink((meta_path.substr(0, meta_path.size() - 5) + ".seg").c_str());
-    reclaimed += 2;
+    if (!root.empty() && stat(root.c_str(), &st) != 0) ++homeless;
   }
-  return reclaimed;
+  return homeless;
 }
 
 std::string persist_prefix(const std::string& source_root) {

@@ -89,13 +89,15 @@ void from_json(const json& j, StatusEntry& e) {
 }
 
 void to_json(json& j, const StatusReport& r) {
-  j = json{{"files", r.files}, {"dirty_pages", r.dirty_pages}, {"dirty_bytes", r.dirty_bytes}};
+  j = json{{"files", r.files}, {"dirty_pages", r.dirty_pages}, {"dirty_bytes", r.dirty_bytes},
+           {"orphans", r.orphans}};
 }
 
 void from_json(const json& j, StatusReport& r) {
   j.at("files").get_to(r.files);
   j.at("dirty_pages").get_to(r.dirty_pages);
   j.at("dirty_bytes").get_to(r.dirty_bytes);
+  if (j.contains("orphans")) j.at("orphans").get_to(r.orphans);
 }
 
 // --- DiscardReport ---

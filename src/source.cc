@@ -5,6 +5,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -261,6 +262,19 @@ int FdSource::identity(SourceIdentity& out) {
   out.mtime = st.st_mtim;
   out.ctime = st.st_ctim;
   out.nlink = st.st_nlink;
+  return 0;
+}
+
+void FdSource::forget_cached() { posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED); }
+
+int FdSource::fresh_identity(SourceIdentity& out) {
+  struct statx sx;
+  if (statx(fd_, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, &sx) < 0) return identity(out);
+  out.dev = makedev(sx.stx_dev_major, sx.stx_dev_minor);
+  out.ino = sx.stx_ino;
+  out.size = sx.stx_size;
+  out.mtime = {static_cast<time_t>(sx.stx_mtime.tv_sec), static_cast<long>(sx.stx_mtime.tv_nsec)};
+  out.ctime = {static_cast<time_t>(sx.stx_ctime.tv_sec), static_cast<long>(sx.stx_ctime.tv_nsec)};
   return 0;
 }
 

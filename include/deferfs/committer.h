@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "deferfs/file.h"
+#include "deferfs/journal.h"
 #include "deferfs/reports.h"
 
 namespace deferfs {
@@ -33,7 +34,10 @@ class Committer {
   // or -1. `journal_dir_fd`: where the journal lives (the source's .deferfs);
   // -1 without a source root makes a private temporary directory (unit
   // tests); -1 with one means no journal: syncs fail. Neither fd is owned.
-  explicit Committer(Counters& counters, int source_root_fd = -1, int journal_dir_fd = -1);
+  // `journal_name`: this mount's own journal in that directory
+  // (journal.ID, instance.h).
+  explicit Committer(Counters& counters, int source_root_fd = -1, int journal_dir_fd = -1,
+                     std::string journal_name = kJournalName);
   ~Committer();
   Committer(const Committer&) = delete;
   Committer& operator=(const Committer&) = delete;
@@ -41,6 +45,11 @@ class Committer {
   // Commits every target. Conflicting files (source changed outside) are
   // refused unless `force`. Takes each file's commit mutex and io_gate (one
   // sync at a time; the files' own locks are never held across I/O).
+  // Across mounts (issue 13): first finishes the journals of dead
+  // instances (recover_dead), then takes an OFD write lock on every target's
+  // source file, in path order, held from the identity check of prepare()
+  // to the last fsync: another mount's apply of the same file waits, and
+  // what it committed is seen as an outside change under the lock.
   SyncReport commit(const std::vector<CommitTarget>& targets, bool force,
                     const Progress& progress = {});
 
@@ -51,7 +60,16 @@ class Committer {
   // kept, and the error logged).
   // `files`/`bytes` (optional) count what the journal committed.
   static int recover(int source_root_fd, int journal_dir_fd, uint64_t* files = nullptr,
-                     uint64_t* bytes = nullptr);
+                     uint64_t* bytes = nullptr, const std::string& journal_name = kJournalName);
+
+  // Finishes the journals of instances proven dead (instance.h) other than
+  // `own_id`, and a journal of an earlier deferfs without instances; with
+  // `remove_clones`, also removes their reflink clones. Each instance is
+  // claimed (its lock taken) while its files are handled, so two mounts never
+  // recover the same one and a live one is never touched. Returns how many
+  // journals were handled.
+  static int recover_dead(int source_root_fd, int journal_dir_fd, const std::string& own_id,
+                          bool remove_clones);
 
  private:
   struct Job;
@@ -64,6 +82,8 @@ class Committer {
   Counters& counters_;
   const int source_root_fd_;
   int journal_dir_fd_;
+  const std::string journal_name_;
+  std::string own_id_;     // the instance id in journal_name_ ("" for kJournalName)
   std::string temp_dir_;   // when the Committer made its own journal directory
   Mutex sync_mutex_;  // one commit at a time; taken before any file's commit mutex
 };

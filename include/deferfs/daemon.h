@@ -21,6 +21,7 @@
 #include "deferfs/committer.h"
 #include "deferfs/control.h"
 #include "deferfs/file.h"
+#include "deferfs/file_identity.h"
 #include "deferfs/inode_table.h"
 #include "deferfs/mutex.h"
 #include "deferfs/options.h"
@@ -40,7 +41,10 @@ class Daemon final : public ControlHandler {
   // `state_dir_fd`: the source's hidden .deferfs directory (journal, spill
   // files), or -1 when it cannot exist (read-only source).
   // `reflink`: snapshots are reflink clones in the state directory.
-  Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink);
+  // `instance_id`: this mount's own id (instance.h): its journal, spill
+  // files, clones and named segments are named by it.
+  Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, bool reflink,
+         std::string instance_id = "");
   ~Daemon() override;
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -145,8 +149,15 @@ class Daemon final : public ControlHandler {
  public:
   // Restores the staged files a previous daemon of this SOURCE left (spec
   // 6.5). Before serving. Logs each file.
+  // (daemon_recovery.cc: staged data proven to be the file's is restored, the
+  // rest kept aside as orphans.)
   void recover_persisted();
  private:
+  // Keeps the staged state of `meta` aside (orphans.h), then removes it;
+  // false (and nothing removed) if it could not be kept aside.
+  bool keep_aside(class PersistMeta& meta, const std::string& seg_path, const std::string& reason);
+  // Orphans kept in .deferfs/orphans (for status).
+  std::vector<std::string> orphans() const;
 
   // constant after construction
   const MountOptions opts_;
@@ -155,6 +166,8 @@ class Daemon final : public ControlHandler {
   const std::string persist_prefix_;  // /dev/shm/deferfs.KEY. (persist.h)
   const bool reflink_;                // snapshots are reflink clones (spec 5.2)
   const uint64_t max_file_size_;      // of the source filesystem (size_limit.h)
+  const std::string instance_id_;     // this mount's (instance.h)
+  FileIdentity root_id_;              // the source root's, set at construction
   std::string control_path_;  // set by start_threads (after the daemon forked: it holds the pid)
 
   // Owns state_dir_fd_; declared before inodes_ so it closes after the Files

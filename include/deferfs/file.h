@@ -101,7 +101,10 @@ struct CommitResult {
 // (persist.h): `prefix` + ".seg" and ".meta".
 struct PersistConfig {
   std::string prefix;
-  std::string source_root;  // recorded so orphans can be reclaimed
+  std::string source_root;  // recorded for a person reading the files
+  std::string instance;     // the owning mount's instance id (instance.h)
+  FileIdentity file_id;     // proof of the file staged for (file_identity.h)
+  FileIdentity root_id;     // and of the source root
 };
 
 class File : public std::enable_shared_from_this<File> {

@@ -1,14 +1,20 @@
 // Staged state that outlives the daemon (spec 6.5).
 //
-// A file's segment is a named shared-memory file (/dev/shm/deferfs.KEY.DEV.INO.seg)
-// and beside it a metadata file (.meta) mapped into the daemon: a header
-// (the source's path, identity, base size, size, cut mark, staged mtime) and
-// one byte per page saying whether the page is staged, in the segment or in
-// the spill file (<source>/.deferfs/spill.DEV.INO). Every staged-state change
+// A file's segment is a named shared-memory file
+// (/dev/shm/deferfs.KEY.ID.DEV.INO.seg: KEY from the source root's path, ID
+// the mount's instance id, instance.h) and beside it a metadata file (.meta)
+// mapped into the daemon: a header (the source's path, identity, base size,
+// size, cut mark, staged mtime; the file's and the source root's
+// FileIdentity, file_identity.h) and one byte per page saying whether the
+// page is staged, in the segment or in the spill file
+// (<source>/.deferfs/spill.ID.DEV.INO). Every staged-state change
 // updates it in place, so a daemon killed at any instant leaves the segment,
 // the spill file and a metadata file that agrees with them. The next mount of
-// the same SOURCE finds them (recover_persisted), shows the pages through the
-// mount again, staged, and says so in the log and in `status`.
+// the same SOURCE finds them (recover_persisted), checks that the file and
+// the root are the very ones they were staged for (FileIdentity), renames
+// them to its own instance id, shows the pages through the mount again,
+// staged, and says so in the log and in `status`. Staged data whose file
+// cannot be proven the same is kept aside (orphans.h), never applied.
 //
 // A daemon holds an exclusive flock on each of its metadata files: recovery
 // never takes the files of a live daemon. The files are removed when their
@@ -24,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "deferfs/file_identity.h"
+
 namespace deferfs {
 
 // One byte per page in the metadata file.
@@ -31,7 +39,7 @@ enum class PersistedPage : uint8_t { None = 0, InSegment = 1, InSpill = 2 };
 
 struct PersistedHeader {
   char magic[8];  // "DFSMETA1"
-  uint32_t version;
+  uint32_t version;  // 2; a version 1 file (no identity) is kept aside, never restored
   uint32_t page_size;
   uint64_t dev, ino;
   uint64_t base_size, size, cut;
@@ -41,8 +49,12 @@ struct PersistedHeader {
   uint32_t explicit_mtime;
   uint32_t path_len;
   char path[2048];         // relative to the source root, NUL-terminated
-  char source_root[1928];  // the SOURCE of the mount, NUL-terminated: a
-                           // segment whose source is gone is reclaimed
+  char source_root[1504];  // the SOURCE of the mount, NUL-terminated
+  // Version 2: what proves the file and the root are the ones staged for.
+  char instance[32];       // the instance id that owns the files, NUL-terminated
+  FileIdentity file_id;
+  FileIdentity root_id;
+  char reserved[40];
 };
 static_assert(sizeof(PersistedHeader) == 4096, "the header is one page");
 
@@ -71,12 +83,16 @@ class PersistMeta {
   // Keep the file when this object ends (staged data must outlive us).
   void keep(bool k) { keep_ = k; }
   const std::string& path() const { return path_; }
+  // The file was renamed to `path` (its lock goes with it).
+  void renamed(std::string path) { path_ = std::move(path); }
+  // The fd of the metadata file (for reading the page bytes).
+  int fd() const { return fd_; }
 
  private:
   PersistMeta(std::string path, int fd);
   int map(uint64_t pages);
 
-  const std::string path_;
+  std::string path_;
   int fd_ = -1;
   PersistedHeader* header_ = nullptr;
   uint8_t* bytes_ = nullptr;
@@ -91,10 +107,9 @@ std::string persist_prefix(const std::string& source_root);
 // The persisted files of `prefix` (metadata paths).
 std::vector<std::string> list_persisted(const std::string& prefix);
 
-// Removes the persisted files (metadata, segment) of any source that no
-// longer exists, unless a live daemon holds them. Returns how many files
-// were reclaimed. Called at every mount: staged data of a deleted source
-// has nowhere to go and would hold shared memory forever.
-int reclaim_orphans();
+// Counts the persisted files (metadata) of sources that no longer exist and
+// that no live daemon holds. They are never removed unasked (issue 16): the
+// next mount of a directory at that path keeps them aside (orphans.h).
+int count_homeless();
 
 }  // namespace deferfs

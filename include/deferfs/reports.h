@@ -44,6 +44,9 @@ struct StatusReport {
   std::vector<StatusEntry> files;
   uint64_t dirty_pages = 0;
   uint64_t dirty_bytes = 0;
+  // Staged data kept aside because its file is gone (orphans.h): names
+  // below SOURCE/.deferfs/orphans.
+  std::vector<std::string> orphans;
 };
 
 struct DiscardReport {

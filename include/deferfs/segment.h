@@ -28,6 +28,8 @@ class Segment {
   // Keep a named segment's file when this object ends (staged data in it).
   void keep(bool k) { keep_ = k; }
   const std::string& shm_path() const { return shm_path_; }
+  // The named segment's file was renamed to `path`.
+  void renamed(std::string path) { shm_path_ = std::move(path); }
   Segment(const Segment&) = delete;
   Segment& operator=(const Segment&) = delete;
 

@@ -80,6 +80,10 @@ class Source {
   // file, applied after its data). 0 or -errno.
   virtual int set_mtime(const struct timespec& mtime) { (void)mtime; return 0; }
   virtual int identity(SourceIdentity& out) = 0;
+  // The same, asking the filesystem rather than a cache of attributes
+  // (statx AT_STATX_FORCE_SYNC: a FUSE or network client asks its server):
+  // what a commit decides on, under its lock across mounts (issue 13.2).
+  virtual int fresh_identity(SourceIdentity& out) { return identity(out); }
   // Offset of the first data byte at or after `off` (SEEK_DATA), the file size
   // if there is none, or -errno. Sources that do not know holes return `off`.
   virtual int64_t next_data(uint64_t off) = 0;
@@ -93,6 +97,14 @@ class Source {
   // Takes a new private copy of the source (after a commit, or a new
   // snapshot). 0 or -errno; a no-op for sources without one.
   virtual int refresh() { return 0; }
+  // The fd of the live source file on which a commit takes its lock across
+  // mounts (an OFD lock: closing other fds of the file does not drop it), or
+  // -1 for a source without one.
+  virtual int lock_fd() const { return -1; }
+  // Drops the kernel's cached pages of the source file: after a change seen
+  // from outside, a network client's cache (GlusterFS, NFS) may still hold
+  // the old pages, and a new snapshot must not load them.
+  virtual void forget_cached() {}
 };
 
 // Reads of one file with O_DIRECT, for the loader (Source::load): a cold
@@ -133,10 +145,13 @@ class FdSource final : public Source {
   int sync() override;
   int set_mtime(const struct timespec& mtime) override;
   int identity(SourceIdentity& out) override;
+  int fresh_identity(SourceIdentity& out) override;
   int64_t next_data(uint64_t off) override;
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return writable_; }
   int fd() const { return fd_; }
+  int lock_fd() const override { return fd_; }
+  void forget_cached() override;
 
  private:
   const int fd_;
@@ -167,10 +182,12 @@ class CloneSource final : public Source {
   int sync() override;
   int set_mtime(const struct timespec& mtime) override;
   int identity(SourceIdentity& out) override;
+  int fresh_identity(SourceIdentity& out) override { return source_.fresh_identity(out); }
   int64_t next_data(uint64_t off) override;
   int64_t next_hole(uint64_t off) override;
   bool writable() const override { return source_.writable(); }
   bool stable() const override { return true; }
+  int lock_fd() const override { return source_.fd(); }
   int refresh() override;
 
  private:

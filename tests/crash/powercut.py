@@ -373,7 +373,7 @@ def main():
                         with open(p, "rb") as f:
                             b = f.read()
                         got.append("old" if b == old[i] else "new" if b == new[i] else "TORN")
-                    journal_left = os.path.exists(os.path.join(src, ".deferfs", "journal"))
+                    journal_left = any(n.startswith("journal") for n in os.listdir(os.path.join(src, ".deferfs")))
                     rc = dd.stop()
                     text = open(log, errors="replace").read()
                     extra = []

@@ -93,17 +93,22 @@ def is_state(path, root):
     return path == os.path.join(root, ".deferfs") or path.startswith(os.path.join(root, ".deferfs") + "/")
 
 
+def is_journal(path, journal):
+    """`path` is a mount's sync journal: .deferfs/journal or .deferfs/journal.ID."""
+    return path == journal or path.startswith(journal + ".")
+
+
 def op_phase(o, root, journal_seen, retired):
     """The phase of a sync that op `o` belongs to."""
-    journal = os.path.join(root, ".deferfs", "journal")
+    journal = os.path.join(root, ".deferfs", "journal")  # journal.ID: each mount's own (issue 13)
     statedir = os.path.join(root, ".deferfs")
-    if o.path == journal and o.op == "unlink":
+    if is_journal(o.path, journal) and o.op == "unlink":
         return "retire"
     if retired:
         return "retire"
-    if o.path == journal and o.op in ("create", "trunc", "write"):
+    if is_journal(o.path, journal) and o.op in ("create", "trunc", "write"):
         return "journal write"
-    if o.path == journal and o.op == "fsync" or (o.path == statedir and o.op == "fsync" and not journal_seen[1]):
+    if is_journal(o.path, journal) and o.op == "fsync" or (o.path == statedir and o.op == "fsync" and not journal_seen[1]):
         return "journal fsync"
     if not is_state(o.path, root):
         if o.op == "fsync":

@@ -218,7 +218,7 @@ TEST(Reports, FieldNamesOfSpec21) {
   st.dirty_bytes = 4096;
   const json jst = st;
   EXPECT_EQ(jst, json::parse(R"({"files":[{"path":"a/b","size":100,"dirty_pages":1,"dirty_bytes":4096,
-                                 "state":"conflict"}],"dirty_pages":1,"dirty_bytes":4096})"));
+                                 "state":"conflict"}],"dirty_pages":1,"dirty_bytes":4096,"orphans":[]})"));
 
   SyncReport sy;
   sy.files = 2;
