@@ -31,8 +31,8 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       persist_prefix_(persist_prefix(opts.source)),
       reflink_(reflink),
       state_dir_owner_{state_dir_fd},
-      inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
+      inodes_(source_root_fd),
       kept_(SnapshotCache::default_max_files()),
       committer_(counters_, source_root_fd, state_dir_fd) {
   inodes_.set_release_hook([this](Inode& inode) { keep_snapshot(inode); });
