@@ -10,33 +10,35 @@ namespace {
 constexpr uint64_t kBatchBytes = uint64_t{4} << 20;
 }  // namespace
 
+Cache::~Cache() {
+  MutexLock lk(files_mutex_);
+  // Files that outlive the Cache (none in a Daemon: it declares the Cache
+  // first) must not come back to it.
+  files_.clear_and_dispose([](File* f) { f->cache = nullptr; });
+}
+
 void Cache::add(const std::shared_ptr<File>& file) {
   MutexLock lk(files_mutex_);
-  // Drop the entries of Files that are gone whenever the list doubles, so
-  // it stays in proportion to the live Files (amortized O(1)).
-  if (files_.size() >= 64 && files_.size() >= 2 * compacted_size_) {
-    std::erase_if(files_, [](const std::weak_ptr<File>& w) { return w.expired(); });
-    compacted_size_ = files_.size();
-    next_ = 0;
-  }
-  files_.push_back(file);
+  if (file->cache_hook.is_linked()) return;
+  file->cache = this;
+  files_.push_back(*file);
+}
+
+void Cache::remove(File& file) {
+  MutexLock lk(files_mutex_);
+  if (file.cache_hook.is_linked()) files_.erase(files_.iterator_to(file));
 }
 
 std::vector<std::shared_ptr<File>> Cache::live_files() {
   MutexLock lk(files_mutex_);
   std::vector<std::shared_ptr<File>> out;
   out.reserve(files_.size());
-  std::vector<std::weak_ptr<File>> keep;
-  keep.reserve(files_.size());
-  for (size_t k = 0; k < files_.size(); ++k) {
-    auto& w = files_[(next_ + k) % files_.size()];
-    if (auto f = w.lock()) {
-      out.push_back(f);
-      keep.push_back(w);
-    }
-  }
-  files_ = std::move(keep);
-  next_ = files_.empty() ? 0 : 1 % files_.size();
+  // A File whose last reference just went is still listed until its
+  // destructor takes this lock: lock() fails for it.
+  for (File& f : files_)
+    if (auto live = f.weak_from_this().lock()) out.push_back(std::move(live));
+  // The next balancer starts one file further (round robin).
+  if (files_.size() > 1) files_.splice(files_.end(), files_, files_.begin());
   return out;
 }
 

@@ -36,8 +36,8 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       max_file_size_(probe_max_file_size(state_dir_fd)),
       instance_id_(std::move(instance_id)),
       state_dir_owner_{state_dir_fd},
-      inodes_(source_root_fd),
       cache_(counters_, opts.cache_size, opts.dirty_limit),
+      inodes_(source_root_fd),
       kept_(SnapshotCache::default_max_files()),
       committer_(counters_, source_root_fd, state_dir_fd,
                  instance_id_.empty() ? std::string(kJournalName) : journal_name(instance_id_)) {

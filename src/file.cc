@@ -16,6 +16,7 @@
 #include <limits>
 #include <system_error>
 
+#include "deferfs/cache.h"
 #include "deferfs/log.h"
 #include "file_internal.h"
 
@@ -102,6 +103,7 @@ File::File(std::unique_ptr<Source> source, Counters& counters, std::string name,
 }
 
 File::~File() {
+  if (cache) cache->remove(*this);
   MutexLock lk(mutex_);
   // Staged data outlives us (spec 6.5: a failed sync at unmount): keep the
   // named segment, metadata and spill file for the next mount.

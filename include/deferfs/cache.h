@@ -8,6 +8,8 @@
 // memory over the limit, after its reply, with no lock held.
 #pragma once
 
+#include <boost/intrusive/list.hpp>
+
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -27,8 +29,12 @@ class Cache {
   uint64_t cache_limit() const { return cache_limit_; }
   uint64_t dirty_limit() const { return dirty_limit_; }
 
-  // Registers a File to be balanced (weakly held).
+  ~Cache();
+
+  // Registers a File to be balanced (not owned: it leaves the list as it
+  // ends, File::~File calling remove()).
   void add(const std::shared_ptr<File>& file) EXCLUDES(files_mutex_);
+  void remove(File& file) EXCLUDES(files_mutex_);
 
   // Brings memory back under the limits. `hint` is the file the caller just
   // used: a file holding more than half the cache gives pages back first, so
@@ -45,9 +51,11 @@ class Cache {
   const uint64_t dirty_limit_;
   Mutex balance_mutex_;  // one balancer at a time; taken before any File lock
   Mutex files_mutex_;
-  std::vector<std::weak_ptr<File>> files_ GUARDED_BY(files_mutex_);
-  size_t next_ GUARDED_BY(files_mutex_) = 0;           // round-robin position in files_
-  size_t compacted_size_ GUARDED_BY(files_mutex_) = 0; // files_.size() after the last compaction
+  // The files, hooked into the Files themselves (Boost.Intrusive); the
+  // front is where the next balancer starts (round robin).
+  using FileList = boost::intrusive::list<
+      File, boost::intrusive::member_hook<File, boost::intrusive::list_member_hook<>, &File::cache_hook>>;
+  FileList files_ GUARDED_BY(files_mutex_);
 };
 
 }  // namespace deferfs

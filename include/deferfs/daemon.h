@@ -177,8 +177,8 @@ class Daemon final : public ControlHandler {
     ~OwnedFd();
   } state_dir_owner_;
   Counters counters_;
+  Cache cache_;  // before inodes_: it outlives the Files the Inodes own
   InodeTable inodes_;
-  Cache cache_;
   // Snapshots of files the kernel forgot, kept for their next open (spec
   // 5.1). Declared after inodes_ and cache_: destroyed before them.
   SnapshotCache kept_;

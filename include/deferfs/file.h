@@ -37,6 +37,8 @@
 
 #include <sys/uio.h>
 
+#include <boost/intrusive/list_hook.hpp>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -54,6 +56,8 @@
 #include "deferfs/source.h"
 
 namespace deferfs {
+
+class Cache;
 
 // Mount-wide counters (spec 2.1) and the memory accounting the Cache
 // balances. Relaxed atomics: figures, not invariants. Files update the
@@ -312,6 +316,12 @@ class File : public std::enable_shared_from_this<File> {
 
   // Open handles through the mount (maintained by the FUSE layer).
   std::atomic<int> handles{0};
+
+  // The Cache's list of files (cache.h) is hooked here: no allocation per
+  // link. Both are the Cache's, under its lock; cache_ is set once by
+  // Cache::add, and the File leaves the list as it ends.
+  boost::intrusive::list_member_hook<> cache_hook;
+  Cache* cache = nullptr;
 
  private:
   // ======== core (file.cc): construction, page-state bookkeeping, the
