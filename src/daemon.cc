@@ -6,6 +6,8 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -134,6 +136,30 @@ void Daemon::invalidate_now(const Inode& inode) {
 }
 
 void Daemon::flush_kernel_writes() {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addclosefrom_np(&actions, 3);  // no /dev/fuse fd in the child
+  const char* argv[] = {"sync", "-f", opts_.mountpoint.c_str(), nullptr};
+  char* const envp[] = {nullptr};
+  pid_t pid = -1;
+  int rc = ENOENT;
+  for (const char* prog : {"/usr/bin/sync", "/bin/sync"}) {
+    rc = posix_spawn(&pid, prog, &actions, nullptr, const_cast<char* const*>(argv), envp);
+    if (rc == 0) break;
+  }
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc == 0) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return;
+    log_error("%s: sync -f of the mount exited with status %d; pages written through shared mappings "
+              "may not be staged yet", opts_.mountpoint.c_str(), status);
+    return;
+  }
+  // No sync(1) to run: ask ourselves (a SIGKILL meanwhile may then hang).
+  log_error("%s: cannot run sync -f (%s); flushing the mount's dirty pages from the daemon itself",
+            opts_.mountpoint.c_str(), std::strerror(rc));
   if (int mfd = open(opts_.mountpoint.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); mfd >= 0) {
     syncfs(mfd);
     close(mfd);

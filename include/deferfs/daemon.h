@@ -98,7 +98,11 @@ class Daemon final : public ControlHandler {
   void invalidate_now(const Inode& inode);
   // Has the kernel write back the pages it holds dirty (writes through a
   // shared mapping) and waits for them: they are then staged. Control
-  // thread only: the FUSE workers serve those WRITEs.
+  // thread only: the FUSE workers serve those WRITEs. The syncfs runs in a
+  // child process (`sync -f`) that holds no /dev/fuse descriptor: a thread
+  // of ours waiting in the kernel's writeback for our own WRITEs could not
+  // be killed, and a SIGKILLed daemon would never exit (nor its mount end);
+  // a child's wait ends when our connection does.
   void flush_kernel_writes();
   // invalidate_now, then a stat of the file through the mount, so that the
   // kernel takes the file's size now. The kernel keeps a cached size (i_size)
