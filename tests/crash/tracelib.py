@@ -121,26 +121,12 @@ def op_phase(o, root, journal_seen, retired):
 def phase_of(ops, root, since_seq=0):
     """The phase a trace of one sync ended in: that of its last call after
     `since_seq` ("planning" if none)."""
-    root = os.path.realpath(root)
-    phase = "planning"
-    journal_seen = [False, False]  # journal written, source touched
-    retired = False
-    for o in ops:
-        if o.seq <= since_seq:
-            continue
-        p = op_phase(o, root, journal_seen, retired)
-        if p is None:
-            continue
-        if p in ("apply", "fsyncs"):
-            journal_seen[1] = True
-        if p == "retire":
-            retired = True
-        phase = p
-    return phase
+    phases = sync_phases(ops, root, since_seq)
+    return phases[-1][1] if phases else "planning"
 
 
 def sync_phases(ops, root, since_seq=0):
-    """[(seq, phase)] of every call of a sync after `since_seq`."""
+    """[(op, phase)] of every call of a sync after `since_seq`."""
     root = os.path.realpath(root)
     journal_seen = [False, False]
     retired = False
