@@ -77,6 +77,22 @@ void Segment::populate(uint64_t off, uint64_t len) const {
   madvise(base_ + off, len, MADV_POPULATE_WRITE);
 }
 
+int pwrite_all(int fd, const void* buf, size_t len, uint64_t off) {
+  for (size_t done = 0; done < len;) {
+    const ssize_t k = ::pwrite(fd, static_cast<const char*>(buf) + done, len - done, static_cast<off_t>(off + done));
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) return -errno;
+    if (k == 0) return -EIO;
+    done += static_cast<size_t>(k);
+  }
+  return 0;
+}
+
+int Segment::write(uint64_t off, const void* buf, size_t len) const {
+  if (off > capacity_ || len > capacity_ - off) return -EFBIG;
+  return pwrite_all(fd_, buf, len, off);
+}
+
 int Segment::punch(uint64_t off, uint64_t len) {
   if (off >= capacity_ || len == 0) return 0;
   if (len > capacity_ - off) len = capacity_ - off;

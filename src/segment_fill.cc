@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 
+#include "deferfs/segment.h"
 #include "deferfs/source.h"
 
 namespace deferfs {
@@ -28,14 +29,9 @@ ssize_t fill(const std::function<ssize_t(void*, size_t, uint64_t)>& read, int se
       errno = static_cast<int>(-n);  // the spill path reads errno
       return n;
     }
-    for (size_t w = 0; w < static_cast<size_t>(n);) {
-      const ssize_t k = ::pwrite(segment_fd, buf.get() + w, static_cast<size_t>(n) - w,
-                                 static_cast<off_t>(off + done + w));
-      if (k < 0) {
-        if (errno == EINTR) continue;
-        return -errno;  // errno stays set
-      }
-      w += static_cast<size_t>(k);
+    if (const int rc = pwrite_all(segment_fd, buf.get(), static_cast<size_t>(n), off + done); rc < 0) {
+      errno = -rc;  // the spill path reads errno
+      return rc;
     }
     done += static_cast<uint64_t>(n);
     if (static_cast<size_t>(n) < want) break;  // the end of the source

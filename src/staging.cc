@@ -52,6 +52,39 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
   }
 
   char* seg = segment_->data();
+  // Whole pages that hold nothing yet (Absent, Hole, past the cut) and take
+  // bytes other than zeros over zeros: written through the segment's fd in
+  // runs, before any state changes, so a failure (ENOSPC in /dev/shm)
+  // changes nothing. by_fd[p - first] says which pages went that way.
+  thread_local std::vector<uint8_t> by_fd;  // reused: no allocation per write
+  by_fd.assign(last - first, 0);
+  {
+    uint64_t run = 0, run_len = 0;  // [run, run + run_len) of the segment
+    auto flush = [&]() -> int {
+      if (run_len == 0) return 0;
+      const int frc = segment_->write(run, buf + (run - off), run_len);
+      run_len = 0;
+      if (frc < 0)  // none of these pages is resident: make them zeros again
+        for (uint64_t q = first; q < last; ++q)
+          if (by_fd[q - first]) segment_->punch(q * ps, ps);
+      return frc;
+    };
+    for (uint64_t p = first; p < last; ++p) {
+      const uint64_t a = std::max(off, p * ps), b = std::min(end, (p + 1) * ps);
+      const PageState st = map_.state(p);
+      const bool zero_now = st == PageState::Hole || p * ps >= cut_;
+      const bool absent = !is_resident(st) && st != PageState::Spilled;
+      if (!absent || b - a != ps || (zero_now && all_zero(buf + (a - off), ps))) {
+        if ((rc = flush()) < 0) return rc;
+        continue;
+      }
+      by_fd[p - first] = 1;
+      if (run_len == 0) run = a;
+      run_len += ps;
+    }
+    if ((rc = flush()) < 0) return rc;
+  }
+
   std::vector<uint64_t> candidates;  // pages that may equal the base again
   const uint32_t zero_hash = hash32(kZeros, ps);
   for (uint64_t p = first; p < last; ++p) {
@@ -84,20 +117,25 @@ ssize_t File::write(const char* buf, size_t len, uint64_t off, bool writeback) {
     // Hole, or Absent: zeros above the cut; below the cut only a full-page
     // write gets here (partial ones were loaded), and its old bytes do not
     // matter.
+    const bool whole = by_fd[p - first] != 0;  // its bytes are in the segment already
     const bool zero_now = st == PageState::Hole || p * ps >= cut_;
-    if (zero_now && all_zero(src, b - a)) {
+    if (!whole && zero_now && all_zero(src, b - a)) {
       counters_.skipped_pages.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
-    // The page reads as zeros: make its memory say so explicitly (a punch of
-    // it may still be deferred while a reply is pinned), then copy in.
-    std::memset(seg + p * ps, 0, ps);
-    std::memcpy(dst, src, b - a);
+    if (!whole) {
+      // The page reads as zeros: make its memory say so explicitly (a punch
+      // of it may still be deferred while a reply is pinned), then copy in.
+      std::memset(seg + p * ps, 0, ps);
+      std::memcpy(dst, src, b - a);
+    }
     PageEntry* e = set_page_state(p, PageState::Dirty);
     if (st == PageState::Hole || p * ps >= base_size_) {
       e->has_base_hash = true;  // the base is zeros
       e->base_hash = zero_hash;
-      if (all_zero(seg + p * ps, ps))
+      // A whole page written by fd is not all zeros over zeros (see above);
+      // a page written whole over a base of zeros below the cut may be.
+      if (whole ? (!zero_now && all_zero(src, ps)) : all_zero(seg + p * ps, ps))
         candidates.push_back(p);
       else
         e->flags |= PageEntry::kDiffers;

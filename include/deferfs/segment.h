@@ -15,6 +15,9 @@
 
 namespace deferfs {
 
+// pwrite of all of [buf, buf+len) at off, EINTR retried: 0 or -errno.
+int pwrite_all(int fd, const void* buf, size_t len, uint64_t off);
+
 class Segment {
  public:
   // Creates the memfd (named for /proc/PID/fd listings) with room for
@@ -50,6 +53,15 @@ class Segment {
   // per page when it is first written. A hint: failure is ignored (the
   // writes then fault as usual). Called with the range's pages Loading.
   void populate(uint64_t off, uint64_t len) const;
+
+  // Writes [off, off+len) (within capacity) through the segment's fd, not
+  // its mapping: a page written whole this way is allocated and filled in
+  // one step, with no page fault and no zeroing first (profile of 1 MiB
+  // writes of new pages: faults and zeroing were a third of the daemon's
+  // time), and a view never sees it half written. Returns 0 or -errno
+  // (ENOSPC when /dev/shm is full, where a write through the mapping would
+  // raise SIGBUS).
+  int write(uint64_t off, const void* buf, size_t len) const;
 
   // Bytes of memory the segment holds, as the kernel counts them.
   uint64_t resident_bytes() const;
