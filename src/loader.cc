@@ -24,14 +24,26 @@ using namespace file_detail;
 
 // ---------------------------------------------------------------- the parts that know nothing of File
 
+namespace {
+constexpr uint64_t kPopulateMin = 64 << 10;
+}  // namespace
+
+bool source_is_dense(Source& source, uint64_t base_size) {
+  if (base_size == 0) return true;
+  const int64_t d = source.next_data(0);
+  if (d != 0) return false;
+  const int64_t h = source.next_hole(0);
+  return h >= 0 && static_cast<uint64_t>(h) >= base_size;
+}
+
 int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t first, uint64_t count,
-             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd) {
+             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd, bool dense) {
   const uint64_t ps = page_size;
   uint64_t off = first * ps;
   const uint64_t end = std::min((first + count) * ps, base_size);
   char* seg = segment.data();
   while (off < end) {
-    int64_t d = source.next_data(off);
+    int64_t d = dense ? static_cast<int64_t>(off) : source.next_data(off);
     if (d < 0) return static_cast<int>(d);
     uint64_t data = std::max<uint64_t>(static_cast<uint64_t>(d), off);
     // Pages whose bytes (up to the end of the file) all lie in [off, data)
@@ -39,7 +51,7 @@ int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t firs
     for (uint64_t p = div_up(off, ps); p < first + count && p * ps < std::min(data, end); ++p)
       if (std::min((p + 1) * ps, base_size) <= data) hole[p - first] = 1;
     if (data >= end) break;
-    int64_t h = source.next_hole(data);
+    int64_t h = dense ? static_cast<int64_t>(end) : source.next_hole(data);
     if (h < 0) return static_cast<int>(h);
     uint64_t read_start = std::max(off, data / ps * ps);
     uint64_t read_end = std::min(end, div_up(std::max<uint64_t>(static_cast<uint64_t>(h), data + 1), ps) * ps);
@@ -53,7 +65,9 @@ int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t firs
     if (via_fd) {
       n = read_for_views(source, segment.fd(), read_start, read_end - read_start);
     } else {
-      segment.populate(read_start, div_up(read_end, ps) * ps - read_start);
+      // A short load is faulted in by the read itself: populating it
+      // would be one more system call for the same work.
+      if (read_end - read_start >= kPopulateMin) segment.populate(read_start, div_up(read_end, ps) * ps - read_start);
       n = source.load(seg + read_start, read_end - read_start, read_start);
     }
     if (n < 0) return static_cast<int>(n);
@@ -154,6 +168,8 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
     }
     const SourceIdentity expected = identity_;
     const uint64_t base_size = base_size_;
+    const uint64_t generation = generation_;
+    bool dense = dense_generation_ == generation;
     const int spill_fd = spill_fd_;
 
     // I/O with the lock released; I5: only we write these pages' bytes.
@@ -174,6 +190,7 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
         // Read under the gate: add_view() counts a view, then waits for the
         // loads holding the gate, so every later load sees it.
         const bool via_fd = views.load(std::memory_order_acquire) > 0;
+        if (!dense) dense = source_is_dense(*source_, base_size);
         for (size_t i = 0; i < mine.size() && rc == 0;) {
           if (from_spill[i]) {
             ++i;
@@ -182,7 +199,7 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
           size_t j = i + 1;
           while (j < mine.size() && !from_spill[j] && mine[j] == mine[j - 1] + 1) ++j;
           std::vector<char> run_hole(j - i, 0);
-          rc = load_run(*source_, *segment_, ps, mine[i], j - i, base_size, run_hole, loaded, via_fd);
+          rc = load_run(*source_, *segment_, ps, mine[i], j - i, base_size, run_hole, loaded, via_fd, dense);
           std::copy(run_hole.begin(), run_hole.end(), hole.begin() + static_cast<long>(i));
           i = j;
         }
@@ -193,6 +210,9 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
       }
     }
     counters_.loaded_bytes.fetch_add(loaded, std::memory_order_relaxed);
+    // Known for this base only: a commit or a new snapshot bumps the
+    // generation; an outside change fails the guard above.
+    if (from_source && rc == 0 && dense && generation_ == generation) dense_generation_ = generation;
 
     for (size_t i = 0; i < mine.size(); ++i) {
       const uint64_t p = mine[i];

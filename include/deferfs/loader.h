@@ -26,8 +26,16 @@ namespace deferfs {
 // source's -errno. `via_fd`: views map the segment, so the pages are filled
 // with pwrite through its fd (segment_fill.h) rather than through the
 // mapping, where a view could see a page half read.
+// `dense`: the caller knows the source has no hole below `base_size`
+// (source_is_dense for this base): the hole queries are skipped.
 int load_run(Source& source, Segment& segment, uint64_t page_size, uint64_t first, uint64_t count,
-             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd = false);
+             uint64_t base_size, std::vector<char>& hole, uint64_t& loaded, bool via_fd = false,
+             bool dense = false);
+
+// Whether `source` has data, and no hole, everywhere below `base_size`:
+// then a load needs no SEEK_DATA/SEEK_HOLE of its own (two system calls and
+// two extent lookups of every random 4 KiB load). Called with no lock held.
+bool source_is_dense(Source& source, uint64_t base_size);
 
 // The requests waiting for pages that another thread is loading. Each
 // waiter lives on its own stack and is hooked into the list while it waits
