@@ -155,13 +155,14 @@ ControlServer::ControlServer(std::string socket_path, uid_t owner_uid, ControlHa
     throw;
   }
   listen_fd_ = sock.release();
+  reserve_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
 ControlServer::~ControlServer() {
   stop();
   if (thread_.joinable()) thread_.join();
   reap_workers(true);
-  for (int fd : {listen_fd_, stop_pipe_[0], stop_pipe_[1]}) {
+  for (int fd : {listen_fd_, stop_pipe_[0], stop_pipe_[1], reserve_fd_}) {
     if (fd >= 0) ::close(fd);
   }
   ::unlink(path_.c_str());
@@ -202,7 +203,14 @@ void ControlServer::run() noexcept {
 }
 
 void ControlServer::accept_one() {
+  if (reserve_fd_ < 0) reserve_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);  // back after an EMFILE
   UniqueFd conn(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC));
+  if (conn.get() < 0 && (errno == EMFILE || errno == ENFILE) && reserve_fd_ >= 0) {
+    log_line("out of file descriptors (" + std::string(std::strerror(errno)) +
+             "): a control client is served on the reserved one");
+    ::close(std::exchange(reserve_fd_, -1));
+    conn.reset(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC));
+  }
   if (conn.get() < 0) {
     const int err = errno;
     if (err == EINTR || err == EAGAIN || err == ECONNABORTED) return;

@@ -6,6 +6,7 @@
 #include <malloc.h>
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -66,6 +67,30 @@ int make_state_dir(const std::string& dir) {
   return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
 }
 
+// Every inode the kernel knows holds an O_PATH descriptor of its source (as
+// in passthrough_hp), so a tree of tens of thousands of files needs as many:
+// the soft limit on open files goes up to the hard one, and for root the hard
+// one up to fs.nr_open. Where that is refused the old limits stay and a
+// lookup beyond them fails with EMFILE (the control socket keeps a reserve).
+void raise_open_file_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  rlim_t ceiling = rl.rlim_max;
+  if (FILE* f = std::fopen("/proc/sys/fs/nr_open", "re")) {
+    unsigned long long nr_open = 0;
+    if (std::fscanf(f, "%llu", &nr_open) == 1 && nr_open > ceiling) ceiling = static_cast<rlim_t>(nr_open);
+    std::fclose(f);
+  }
+  if (ceiling != rl.rlim_max) {
+    const rlimit wider{ceiling, ceiling};
+    if (setrlimit(RLIMIT_NOFILE, &wider) == 0) return;  // root (CAP_SYS_RESOURCE)
+  }
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
 }  // namespace
 
 int run_daemon(const MountOptions& given) {
@@ -76,6 +101,7 @@ int run_daemon(const MountOptions& given) {
       return 2;
     }
   }
+  raise_open_file_limit();  // before anything sizes itself by the limit (the snapshot cache)
   resolve_memory_defaults(opts);
   // Page-map tables come and go in sizes of megabytes: keep them in mmap'd
   // chunks that return to the system when freed (glibc's adaptive threshold

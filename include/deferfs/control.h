@@ -177,6 +177,12 @@ class ControlServer {
   ControlHandler& handler_;
   int listen_fd_ = -1;
   int stop_pipe_[2] = {-1, -1};  // a byte in it (never read) means "stop"
+  // A descriptor held in reserve (of /dev/null), touched only by the
+  // accepting thread: when the daemon runs out of descriptors (every inode
+  // the kernel knows holds one), it is given up so that a client waiting to
+  // be accepted (umount, status) is still served instead of hanging in the
+  // listen queue; taken again at the next accept.
+  int reserve_fd_ = -1;
 
   std::thread thread_;                 // the accepting thread; set by start()
   std::atomic<bool> started_{false};
