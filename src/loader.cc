@@ -169,7 +169,8 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
     const SourceIdentity expected = identity_;
     const uint64_t base_size = base_size_;
     const uint64_t generation = generation_;
-    bool dense = dense_generation_ == generation;
+    const bool density_known = density_generation_ == generation;
+    bool dense = density_known && dense_;
     const int spill_fd = spill_fd_;
 
     // I/O with the lock released; I5: only we write these pages' bytes.
@@ -190,7 +191,7 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
         // Read under the gate: add_view() counts a view, then waits for the
         // loads holding the gate, so every later load sees it.
         const bool via_fd = views.load(std::memory_order_acquire) > 0;
-        if (!dense) dense = source_is_dense(*source_, base_size);
+        if (!density_known) dense = source_is_dense(*source_, base_size);
         for (size_t i = 0; i < mine.size() && rc == 0;) {
           if (from_spill[i]) {
             ++i;
@@ -212,7 +213,10 @@ int File::ensure_loaded(uint64_t first, uint64_t last, bool touch) {
     counters_.loaded_bytes.fetch_add(loaded, std::memory_order_relaxed);
     // Known for this base only: a commit or a new snapshot bumps the
     // generation; an outside change fails the guard above.
-    if (from_source && rc == 0 && dense && generation_ == generation) dense_generation_ = generation;
+    if (from_source && rc == 0 && !density_known && generation_ == generation) {
+      density_generation_ = generation;
+      dense_ = dense;
+    }
 
     for (size_t i = 0; i < mine.size(); ++i) {
       const uint64_t p = mine[i];

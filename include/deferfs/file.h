@@ -420,9 +420,11 @@ class File : public std::enable_shared_from_this<File> {
   uint64_t size_ GUARDED_BY(mutex_) = 0;
   uint64_t cut_ GUARDED_BY(mutex_) = 0;
   uint64_t generation_ GUARDED_BY(mutex_) = 0;            // bumped when the base changes
-  // The generation whose source was found to have no hole below base_size_
-  // (source_is_dense): its loads skip the hole queries.
-  uint64_t dense_generation_ GUARDED_BY(mutex_) = ~uint64_t{0};
+  // The generation whose base was checked by source_is_dense, and the
+  // answer: a dense base's loads skip the hole queries, and neither answer
+  // is asked again for that generation.
+  uint64_t density_generation_ GUARDED_BY(mutex_) = ~uint64_t{0};
+  bool dense_ GUARDED_BY(mutex_) = false;
   bool conflict_ GUARDED_BY(mutex_) = false;
   bool stale_kernel_cache_ GUARDED_BY(mutex_) = false;    // see take_stale_kernel_cache
   std::function<void()> invalidate_hook_ GUARDED_BY(mutex_);
