@@ -43,7 +43,7 @@ Daemon::Daemon(const MountOptions& opts, int source_root_fd, int state_dir_fd, b
       kept_(SnapshotCache::default_max_files()),
       committer_(counters_, source_root_fd, state_dir_fd,
                  instance_id_.empty() ? std::string(kJournalName) : journal_name(instance_id_)) {
-  inodes_.set_release_hook([this](Inode& inode) { keep_snapshot(inode); });
+  inodes_.set_release_hook([this](Inode& inode) { keep_snapshot(inode, false); });
   take_identity(source_root_fd, root_id_);
 }
 
@@ -221,12 +221,17 @@ void Daemon::attach(Inode& inode, const std::shared_ptr<File>& file) {
   cache_.add(file);
 }
 
-void Daemon::keep_snapshot(Inode& inode) {
+void Daemon::keep_snapshot(Inode& inode, bool parked) {
   std::shared_ptr<File> file;
   {
+    // Under the inode's lock: file_of counts a handle under it too, so a
+    // File is never parked while someone is about to use it.
     MutexLock lk(inode.m);
-    if (!inode.file || inode.file->handles.load() != 0 || inode.file->has_staged_now()) return;
+    if (!inode.file || inode.file->handles.load() != 0 || inode.file->views.load() != 0 ||
+        inode.file->has_staged_now())
+      return;
     file = std::move(inode.file);
+    inode.file_parked = parked;
   }
   // Until it is attached to an Inode again, nothing in the kernel is its.
   file->set_invalidate_hook([] {});
@@ -247,13 +252,19 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
       kept->set_invalidate_hook([this, nodeid] { queue_invalidate(nodeid); });
       kept->set_name(name);
       inode.file = std::move(kept);
-      inode.file->revalidate();
+      const File::Validity v = inode.file->revalidate();
+      // Parked at a close, the kernel's inode (and its pages) stayed.
+      keep_cache = inode.file_parked && v == File::Validity::Unchanged;
+      inode.file_parked = false;
+      ++inode.file->handles;
       return inode.file;
     }
   }
+  inode.file_parked = false;
   if (inode.file) {
     File::Validity v = inode.file->revalidate();
     keep_cache = v == File::Validity::Unchanged;
+    ++inode.file->handles;
     return inode.file;
   }
   bool writable = false;
@@ -293,6 +304,7 @@ std::shared_ptr<File> Daemon::file_of(Inode& inode, bool& keep_cache, int& err) 
                                        writable ? &persist : nullptr);
     attach(inode, file);
     inode.file = file;
+    ++file->handles;
     return file;
   } catch (const std::exception& e) {
     log_error("%s", e.what());
@@ -332,6 +344,8 @@ void Daemon::released(Inode& inode) {
     MutexLock lk(inode.m);
     if (file->handles.load() == 0) inode.file.reset();
   }
+  file.reset();  // ours is no reference to keep
+  keep_snapshot(inode, true);
   inodes_.prune(inode);
 }
 

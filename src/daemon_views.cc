@@ -121,10 +121,7 @@ void Daemon::view(const std::string& path, const PeerCredentials& peer, int conn
   bool keep_cache = false;
   int err = 0;
   std::shared_ptr<File> file = file_of(*inode, keep_cache, err);
-  if (file) {
-    ++file->handles;
-    file->add_view();
-  }
+  if (file) file->add_view();  // its count of `handles` is the one file_of took
   inodes_.forget(nodeid, 1);
   if (!file) throw view_error(err ? err : EIO, path, std::strerror(err ? err : EIO));
 

@@ -124,8 +124,8 @@ File::~File() {
   if (spill_fd_ >= 0) close(spill_fd_);
 }
 PageEntry* File::set_page_state(uint64_t page, PageState to) {
-  const PageState from = map_.state(page);
-  PageEntry* e = map_.set_state(page, to);
+  PageState from;
+  PageEntry* e = map_.set_state(page, to, from);
   if (from == to) return e;
   if (e && !(from == PageState::Dirty && to == PageState::Writeback))  // nullptr: now Absent
     e->flags &= static_cast<uint8_t>(~PageEntry::kDiffers);

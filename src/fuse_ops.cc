@@ -161,6 +161,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
       err = EFBIG;  // as the source would answer, before anything is staged
     } else {
       std::shared_ptr<File> file;
+      bool by_name = false;
       if (fi && fi->fh) {
         file = reinterpret_cast<Handle*>(fi->fh)->file;
       } else {
@@ -168,10 +169,15 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fu
         if (access(path.c_str(), W_OK) < 0) err = errno;
         bool keep = false;
         if (!err) file = d.file_of(inode, keep, err);
+        by_name = file != nullptr;
       }
       if (!err && file) {
         int rc = file->truncate(static_cast<uint64_t>(attr->st_size));
         if (rc < 0) err = -rc;
+      }
+      if (by_name) {  // the count of `handles` file_of took
+        --file->handles;
+        d.released(inode);
       }
     }
   }

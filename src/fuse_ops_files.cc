@@ -46,23 +46,23 @@ void open_regular(fuse_req_t req, Inode& inode, fuse_file_info* fi) {
   // are stale too. Attributes only: that takes no page lock, so it is safe
   // inside a request; the pages are dropped by the open itself (!keep_cache).
   if (!keep_cache) d.invalidate_attributes(inode);
-  if ((fi->flags & O_ACCMODE) != O_RDONLY && !file->source().writable()) {
-    fuse_reply_err(req, EACCES);
-    return;
-  }
+  // file_of counted a handle: given back if the open fails from here on.
+  auto refuse = [&](int e) {
+    --file->handles;
+    d.released(inode);
+    fuse_reply_err(req, e);
+  };
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && !file->source().writable()) return refuse(EACCES);
   // libfuse asks for atomic O_TRUNC: the kernel sends no separate truncate.
   if ((fi->flags & O_TRUNC) && (fi->flags & O_ACCMODE) != O_RDONLY) {
-    if (int rc = file->truncate(0); rc < 0) {
-      fuse_reply_err(req, -rc);
-      return;
-    }
+    if (int rc = file->truncate(0); rc < 0) return refuse(-rc);
     keep_cache = false;
   }
   auto h = std::make_unique<Handle>();
   h->file = file;
   // The table keeps the Inode alive while the kernel holds a lookup; the
-  // handle needs no separate reference to it.
-  ++file->handles;
+  // handle needs no separate reference to it. Its count of `handles` is the
+  // one file_of took.
   fi->keep_cache = keep_cache ? 1 : 0;
   // A read-only handle has nothing to flush at close (no locks are served
   // here, and its mappings cannot be written): the kernel then skips the
@@ -113,8 +113,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   }
   if (fi->flags & O_TRUNC) file->truncate(0);
   auto h = std::make_unique<Handle>();
-  h->file = file;
-  ++file->handles;
+  h->file = file;  // with the count of `handles` file_of took
   fi->fh = reinterpret_cast<uint64_t>(h.get());
   Handle* raw = h.release();
   d.keep_handle(raw, [raw] { delete raw; });

@@ -74,9 +74,14 @@ void PageMap::erase_slot(size_t i) {
 }
 
 PageEntry* PageMap::set_state(uint64_t page, PageState to) {
+  PageState from;
+  return set_state(page, to, from);
+}
+
+PageEntry* PageMap::set_state(uint64_t page, PageState to, PageState& from) {
   size_t i = capacity_ ? probe(page) : 0;
   bool present = capacity_ && slots_[i].page == page;
-  PageState from = present ? slots_[i].e.state : PageState::Absent;
+  from = present ? slots_[i].e.state : PageState::Absent;
   check_transition(from, to);
   if (from == to) return present ? &slots_[i].e : nullptr;
   if (present) --counts_[static_cast<int>(from)];

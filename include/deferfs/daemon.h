@@ -70,12 +70,18 @@ class Daemon final : public ControlHandler {
   Cache& cache() { return cache_; }
   // The File of a regular-file inode, created (snapshot taken) on first use.
   // `fresh` tells whether the kernel's cached pages of it may be kept.
-  // Returns nullptr and sets `err` on failure.
+  // Returns nullptr and sets `err` on failure. The File comes with one count
+  // of `handles` taken under the inode's lock (so that no close parks it
+  // meanwhile, see released()): the caller keeps it as its handle's, or
+  // gives it back with `--file->handles` and released(inode).
   std::shared_ptr<File> file_of(Inode& inode, bool& keep_cache, int& err);
   // Commits one file (fsync=commit). 0 or -errno.
   int commit_one(Inode& inode);
   // A handle was released: a file unlinked on the source with no handle left
-  // loses its staged data (spec 6.6).
+  // loses its staged data (spec 6.6); one with no handle and nothing staged
+  // is parked in the snapshot cache (its segment, meta and source fds held
+  // there, bounded by count), so that a tree of many files read once holds
+  // one fd per inode the kernel knows, not four.
   void released(Inode& inode);
   // A name of source object (dev, ino) was removed (unlink, rename over it):
   // if that was its last link and no handle is open, its staged data goes.
@@ -149,7 +155,8 @@ class Daemon final : public ControlHandler {
   void attach(Inode& inode, const std::shared_ptr<File>& file);
   // The release hook of inodes_: an Inode left the table; its File, if it
   // has no handle and nothing staged, goes to kept_.
-  void keep_snapshot(Inode& inode);
+  // `parked`: the kernel still holds the inode (a close, not a forget).
+  void keep_snapshot(Inode& inode, bool parked);
  public:
   // Restores the staged files a previous daemon of this SOURCE left (spec
   // 6.5). Before serving. Logs each file.

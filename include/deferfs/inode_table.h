@@ -45,6 +45,10 @@ struct Inode : boost::intrusive::set_base_hook<> {
 
   mutable Mutex m;  // taken after the table's m_, before the File's locks
   std::shared_ptr<File> file GUARDED_BY(m);  // regular files, from the first open on
+  // The File was parked in the snapshot cache at its last close while the
+  // kernel kept this inode (and maybe its pages): taken back at the next
+  // open, the kernel's cache may be kept if the snapshot is unchanged.
+  bool file_parked GUARDED_BY(m) = false;
   // The last name the kernel looked this object up by (parent's source
   // identity and entry name): how a file is named in reports once the name
   // its O_PATH fd was opened by is gone (another hard link remains).

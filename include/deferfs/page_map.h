@@ -61,8 +61,11 @@ class PageMap {
   // Moves `page` to state `to` (checked against the allowed transitions),
   // creating its entry or removing it when it becomes Absent (hash fields are
   // kept across non-Absent transitions). Returns the entry, nullptr when `to`
-  // is Absent. Keeps the per-state counts.
+  // is Absent. Keeps the per-state counts. The second form also says what
+  // the state was (one lookup for both: a cold read makes several
+  // transitions of every page).
   PageEntry* set_state(uint64_t page, PageState to);
+  PageEntry* set_state(uint64_t page, PageState to, PageState& from);
 
   // Pages (sorted ascending) with first <= page < last whose entry satisfies
   // pred(const PageEntry&).

@@ -49,10 +49,33 @@ def test_forgotten_file_keeps_its_pages_and_reuses_them(cached):
     assert s["snapshots"] >= 1
     assert s["materialized_bytes"] >= len(data)
     # The next open takes the kept snapshot: no page is read again.
+    with open(m.m("f"), "rb") as f:
+        assert f.read() == data
+        s = m.stats()
+        assert s["loaded_bytes"] == loaded
+        assert s["snapshots_kept"] == 0  # in use
+    # Closed, with nothing staged: parked in the cache again.
+    assert m.stats()["snapshots_kept"] == 1
+
+
+def test_closed_file_is_parked_and_taken_back(cached):
+    m, data = cached
     assert read_file(m.m("f")) == data
     s = m.stats()
-    assert s["loaded_bytes"] == loaded
-    assert s["snapshots_kept"] == 0
+    loaded = s["loaded_bytes"]
+    # The kernel still holds the inode; the daemon holds the snapshot in its
+    # bounded cache, not on the inode.
+    assert s["snapshots_kept"] == 1
+    with open(m.m("f"), "r+b") as f:
+        assert m.stats()["snapshots_kept"] == 0
+        f.write(b"y" * PAGE)
+    # Staged: not parked, and still there at the next open.
+    assert m.stats()["snapshots_kept"] == 0
+    assert read_file(m.m("f")) == b"y" * PAGE + data[PAGE:]
+    assert m.stats()["loaded_bytes"] == loaded
+    m.discard()
+    assert read_file(m.m("f")) == data
+    assert m.stats()["snapshots_kept"] == 1
 
 
 def test_source_changed_while_forgotten_is_resnapshotted(cached):
