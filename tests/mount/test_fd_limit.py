@@ -69,7 +69,8 @@ def test_control_socket_answers_when_descriptors_run_out(mount_factory):
         try:
             held.append(open(m.m(f"many/f{i}"), "rb"))
         except OSError as e:
-            assert e.errno == errno.EMFILE, e
+            # EMFILE from the lookup, or EIO when the snapshot's own files cannot be opened
+            assert e.errno in (errno.EMFILE, errno.EIO), e
             refused = i
             break
     assert refused is not None, "the lowered limit was never reached: the test proves nothing"
