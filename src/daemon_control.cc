@@ -167,6 +167,7 @@ StatsReport Daemon::stats() {
   s.transport = t.name;
   s.transport_reason = t.reason;
   s.transport_queue_requests = t.queue_requests;
+  s.transport_sched_raised = t.sched_raised;
   return s;
 }
 

@@ -230,6 +230,24 @@ ssize_t File::read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) {
   return static_cast<ssize_t>(len);
 }
 
+bool File::access_waits(uint64_t off, size_t len, bool for_write) {
+  const uint64_t ps = page_size_;
+  MutexLock lk(mutex_);
+  if (len == 0 || (!for_write && off >= size_) || off > UINT64_MAX - len) return false;
+  // A read stops at the end of the file; a write's pages past the cut mark
+  // are zeros, never read.
+  const uint64_t end = for_write ? off + len : std::min<uint64_t>(off + len, size_);
+  const uint64_t first = off / ps, last = div_up(end, ps);
+  for (uint64_t p = first; p < last; ++p) {
+    const bool partial = (p == first && off % ps) || (p == last - 1 && end % ps);
+    const PageState st = map_.state(p);
+    if (is_loading(st)) return true;
+    if ((!for_write || partial) && ((st == PageState::Absent && p * ps < cut_) || st == PageState::Spilled))
+      return true;
+  }
+  return false;
+}
+
 bool File::has_staged_locked() const {
   return map_.count(PageState::Dirty) + map_.count(PageState::Writeback) +
                  map_.count(PageState::Spilled) > 0 ||

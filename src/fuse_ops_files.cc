@@ -19,6 +19,7 @@
 #include "deferfs/control.h"
 #include "deferfs/daemon.h"
 #include "deferfs/log.h"
+#include "deferfs/transport.h"
 #include "fuse_ops_internal.h"
 
 namespace deferfs::fuse_detail {
@@ -124,11 +125,13 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
   }
 }
 
-void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+namespace {
+
+void serve_read(fuse_req_t req, size_t size, off_t off, uint64_t fh) {
   // Once replied to, req is gone and the handle may be released by another
   // thread at any moment: keep what is used afterwards.
   Daemon& d = daemon_of(req);
-  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
+  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fh)->file;
   // Replied straight from the segment's memory: one copy, by the kernel,
   // into the reply (libfuse 3.14's fd path, measured here, preads into a
   // fresh buffer and copies twice). The file stays pinned until the reply is
@@ -163,20 +166,51 @@ void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info*
   d.cache().balance(file.get());
 }
 
-void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+void serve_write(fuse_req_t req, const char* buf, size_t size, off_t off, uint64_t fh, bool writepage) {
   // Once replied to, req is gone and the handle may be released by another
   // thread at any moment: keep what is used afterwards.
   Daemon& d = daemon_of(req);
-  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fi->fh)->file;
+  const std::shared_ptr<File> file = reinterpret_cast<Handle*>(fh)->file;
   // Past the source filesystem's largest file: EFBIG, or a short write up to it.
   if (static_cast<uint64_t>(off) >= d.max_file_size()) return (void)fuse_reply_err(req, EFBIG);
   size = static_cast<size_t>(std::min<uint64_t>(size, d.max_file_size() - static_cast<uint64_t>(off)));
-  ssize_t n = file->write(buf, size, static_cast<uint64_t>(off), fi->writepage != 0);
+  ssize_t n = file->write(buf, size, static_cast<uint64_t>(off), writepage);
   if (n < 0)
     fuse_reply_err(req, static_cast<int>(-n));
   else
     fuse_reply_write(req, static_cast<size_t>(n));
   d.cache().balance(file.get());
+}
+
+// A ring thread hands a request whose pages must come from the source (or
+// a spill file, or another thread's load) to a worker rather than wait,
+// unless it is one short wait and nothing else waits for the ring (a
+// random read of one page: the hand-off would cost as much as the read).
+constexpr size_t kShortWait = 16 * 1024;
+
+bool hand_off(const fuse_file_info* fi, off_t off, size_t size, bool for_write) {
+  return serving_on_ring() &&
+         reinterpret_cast<Handle*>(fi->fh)->file->access_waits(static_cast<uint64_t>(off), size, for_write) &&
+         (size > kShortWait || ring_has_other_requests());
+}
+
+}  // namespace
+
+void op_read(fuse_req_t req, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi) {
+  const uint64_t fh = fi->fh;
+  if (hand_off(fi, off, size, false))
+    return run_off_ring([req, size, off, fh] { serve_read(req, size, off, fh); });
+  serve_read(req, size, off, fh);
+}
+
+void op_write(fuse_req_t req, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  const uint64_t fh = fi->fh;
+  const bool writepage = fi->writepage != 0;
+  // buf lies in the request's buffer (the ring entry's payload), which
+  // stays the request's until its reply.
+  if (hand_off(fi, off, size, true))
+    return run_off_ring([req, buf, size, off, fh, writepage] { serve_write(req, buf, size, off, fh, writepage); });
+  serve_write(req, buf, size, off, fh, writepage);
 }
 
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }

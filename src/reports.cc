@@ -134,6 +134,7 @@ void to_json(json& j, const StatsReport& r) {
            {"transport", r.transport},
            {"transport_reason", r.transport_reason},
            {"transport_queue_requests", r.transport_queue_requests},
+           {"transport_sched_raised", r.transport_sched_raised},
            {"pid", r.pid},
            {"source", r.source},
            {"mountpoint", r.mountpoint}};
@@ -160,6 +161,7 @@ void from_json(const json& j, StatsReport& r) {
   get_optional(j, "transport", r.transport);
   get_optional(j, "transport_reason", r.transport_reason);
   get_optional(j, "transport_queue_requests", r.transport_queue_requests);
+  get_optional(j, "transport_sched_raised", r.transport_sched_raised);
   get_optional(j, "pid", r.pid);
   get_optional(j, "source", r.source);
   get_optional(j, "mountpoint", r.mountpoint);

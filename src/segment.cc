@@ -1,5 +1,7 @@
 #include "deferfs/segment.h"
 
+#include "deferfs/fd_memory.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -49,7 +51,10 @@ Segment::Segment(const std::string& shm_path, uint64_t capacity, bool existing) 
 }
 
 Segment::~Segment() {
-  for (const Mapping& m : mappings_) munmap(m.addr, m.len);
+  for (const Mapping& m : mappings_) {
+    fd_memory::remove(m.addr);
+    munmap(m.addr, m.len);
+  }
   if (fd_ >= 0) close(fd_);
   if (!shm_path_.empty() && !keep_) unlink(shm_path_.c_str());
 }
@@ -65,6 +70,7 @@ int Segment::reserve(uint64_t bytes) {
   base_ = static_cast<char*>(p);
   capacity_ = cap;
   mappings_.push_back({base_, cap});
+  fd_memory::add(base_, cap, fd_);  // replies out of the segment are copied by pread (fd_memory.h)
   return 0;
 }
 

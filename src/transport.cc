@@ -16,6 +16,8 @@
 #include "deferfs/fuse_uring_abi.h"
 #include "deferfs/log.h"
 #include "transport_uring.h"
+#include "ring_sched.h"
+#include "worker_pool.h"
 
 namespace deferfs {
 
@@ -26,7 +28,10 @@ using namespace fuse_abi;
 // Entries per ring. The ring's thread serves one request at a time; more
 // entries let the kernel hand over the next requests (readahead, several
 // threads of one CPU) while it does.
-constexpr unsigned kQueueDepth = 4;
+constexpr unsigned kQueueDepth = 8;
+// Worker threads for requests a ring thread hands off (run_off_ring): at
+// most every entry of every ring waits on one, so more would never be busy.
+constexpr unsigned kMaxWorkers = 16;
 
 // The one Transport of this process, for the custom-io hooks (libfuse 3.14
 // gives them only the session's userdata, which is the Daemon).
@@ -83,6 +88,22 @@ unsigned possible_cpus() {
 std::string describe(int err) { return err < 0 ? std::strerror(-err) : std::strerror(err); }
 
 }  // namespace
+
+bool serving_on_ring() { return uring_current_entry() != nullptr; }
+
+bool ring_has_other_requests() {
+  UringEntry* e = uring_current_entry();
+  return e && e->queue->others_in_hand(e);
+}
+
+void run_off_ring(std::function<void()> work) {
+  Transport* t = g_active.load(std::memory_order_acquire);
+  if (t && serving_on_ring() && t->workers_) {
+    t->workers_->post(std::move(work));
+    return;
+  }
+  work();
+}
 
 UringPolicy uring_policy(const char* param_path) {
   UringPolicy p;
@@ -164,6 +185,10 @@ TransportInfo Transport::info() const {
   }
   if (rings_created_.load(std::memory_order_acquire))
     for (const auto& q : queues_) i.queue_requests.push_back(q->requests());
+  {
+    std::lock_guard lk(state_mu_);
+    if (sched_) i.sched_raised = sched_->raised();
+  }
   return i;
 }
 
@@ -185,7 +210,17 @@ int Transport::serve() {
 
 void Transport::stop_rings() {
   if (!rings_created_.load(std::memory_order_acquire)) return;
+  {
+    std::unique_ptr<RingScheduler> sched;
+    {
+      std::lock_guard lk(state_mu_);
+      sched = std::move(sched_);
+    }
+  }  // the guard joined here, outside the lock
+  // A request a ring thread handed to a worker is in hand until its reply:
+  // the workers keep running while the rings wait for those.
   for (auto& q : queues_) q->stop();
+  workers_.reset();
 }
 
 // ------------------------------------------------------------ hooks
@@ -263,6 +298,7 @@ ssize_t Transport::reply_init(int fd, const struct iovec* iov, int count) {
         cfg, [this](unsigned qid, unsigned ok, int e) { registered(qid, ok, e); }));
     if ((err = queues_.back()->start()) != 0) bad_qid = q;
   }
+  if (!err) workers_ = std::make_unique<WorkerPool>(std::min(kMaxWorkers, n * kQueueDepth));
   if (err) {
     for (auto& q : queues_) q->stop();
     set_state("dev", "cannot set up ring " + std::to_string(bad_qid) + ": " + describe(err));
@@ -311,6 +347,10 @@ void Transport::registered(unsigned qid, unsigned ok, int err) {
                 std::to_string(kQueueDepth) + " entries";
       if (first_err_)
         reason_ += " (queue " + std::to_string(first_err_qid_) + " lost entries: " + describe(first_err_) + ")";
+      std::vector<pid_t> tids;
+      for (const auto& q : queues_) tids.push_back(q->tid());
+      sched_ = std::make_unique<RingScheduler>(std::move(tids));
+      reason_ += "; " + sched_->describe();
       log_info("transport: uring (%s)", reason_.c_str());
     } else {
       name_ = "dev";

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "deferfs/fd_memory.h"
 #include "deferfs/log.h"
 
 namespace deferfs {
@@ -72,12 +73,22 @@ void install_sigbus_guard() {
   });
 }
 
-// Copies the iovecs' bytes after `skip` into `to` (at most `max`); false
-// if a source page faulted.
-bool guarded_copy(char* to, size_t max, const iovec* iov, int count, size_t skip) {
+// memcpy that returns false instead of dying when a page of `from`
+// vanishes under it (SIGBUS).
+bool guarded_memcpy(char* to, const char* from, size_t n) {
   sigjmp_buf jb;
   if (sigsetjmp(jb, 0) != 0) return false;
   tl_copy_jmp = &jb;
+  std::memcpy(to, from, n);
+  tl_copy_jmp = nullptr;
+  return true;
+}
+
+// Copies the iovecs' bytes after `skip` into `to` (at most `max`); false
+// if a source page faulted or could not be read. Memory that maps a file
+// (a segment's pages) is copied by the kernel (fd_memory.h: a user-mode
+// copy of pages not touched yet costs a hypervisor fault per page here).
+bool copy_reply(char* to, size_t max, const iovec* iov, int count, size_t skip) {
   size_t at = 0;
   for (int i = 0; i < count && at < max; ++i) {
     if (iov[i].iov_len <= skip) {
@@ -85,11 +96,12 @@ bool guarded_copy(char* to, size_t max, const iovec* iov, int count, size_t skip
       continue;
     }
     size_t n = std::min(iov[i].iov_len - skip, max - at);
-    std::memcpy(to + at, static_cast<const char*>(iov[i].iov_base) + skip, n);
+    const char* from = static_cast<const char*>(iov[i].iov_base) + skip;
+    const ssize_t by_fd = fd_memory::copy_out(to + at, from, n);
+    if (by_fd < 0 || (by_fd == 0 && !guarded_memcpy(to + at, from, n))) return false;
     skip = 0;
     at += n;
   }
-  tl_copy_jmp = nullptr;
   return true;
 }
 
@@ -177,7 +189,7 @@ ssize_t UringQueue::reply(UringEntry* e, const iovec* iov, int count) {
   }
   // The one copy of the reply's data: straight from where the handler has
   // it (a segment's pages for READ) into the ring's payload buffer.
-  if (data && !guarded_copy(e->payload, data, iov, count, sizeof(OutHeader))) {
+  if (data && !copy_reply(e->payload, data, iov, count, sizeof(OutHeader))) {
     log_error("uring queue %u: a page of the reply to request %llu vanished while it was copied: answered EIO",
               cfg_.qid, static_cast<unsigned long long>(out.unique));
     out.error = -EIO;
@@ -203,6 +215,7 @@ ssize_t UringQueue::reply(UringEntry* e, const iovec* iov, int count) {
 
 void UringQueue::run() {
   tl_queue = this;
+  tid_.store(gettid(), std::memory_order_release);
   char name[16];
   std::snprintf(name, sizeof name, "deferfs-uring%u", cfg_.qid % 100);
   pthread_setname_np(pthread_self(), name);
@@ -296,6 +309,17 @@ void UringQueue::arm_event() {
 
 bool UringQueue::in_hand() const {
   for (unsigned i = 0; i < cfg_.depth; ++i) {
+    int s = entries_[i].state.load(std::memory_order_acquire);
+    if (s == UringEntry::InHandler || s == UringEntry::Replied) return true;
+  }
+  return false;
+}
+
+bool UringQueue::others_in_hand(const UringEntry* self) {
+  // The CQE that brought `self` is still in the ring (seen after dispatch).
+  if (io_uring_cq_ready(&ring_) > 1 || !local_.empty()) return true;
+  for (unsigned i = 0; i < cfg_.depth; ++i) {
+    if (&entries_[i] == self) continue;
     int s = entries_[i].state.load(std::memory_order_acquire);
     if (s == UringEntry::InHandler || s == UringEntry::Replied) return true;
   }

@@ -90,7 +90,13 @@ class UringQueue {
   // already). Any thread.
   ssize_t reply(UringEntry* e, const iovec* iov, int count);
 
+  // On the ring thread: whether a request other than `self` is in hand
+  // (served elsewhere, or replied and not committed) or has arrived.
+  bool others_in_hand(const UringEntry* self);
+
   uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
+  // The ring thread's id (set before start() returns).
+  pid_t tid() const { return tid_.load(std::memory_order_acquire); }
   unsigned qid() const { return cfg_.qid; }
 
  private:
@@ -132,6 +138,7 @@ class UringQueue {
 
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> requests_{0};
+  std::atomic<pid_t> tid_{0};
   std::thread thread_;
 };
 

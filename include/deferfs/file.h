@@ -162,6 +162,12 @@ class File : public std::enable_shared_from_this<File> {
   ssize_t read_pinned(uint64_t off, size_t len, std::vector<Extent>& out) EXCLUDES(mutex_);
   void unpin() EXCLUDES(mutex_);
 
+  // Whether reading [off, off+len), or writing it (`for_write`: only pages
+  // the write covers in part are read), would wait for the source, a spill
+  // file or another thread's load now: a hint for a caller that must not
+  // block (a ring thread), stale as soon as the lock is dropped.
+  bool access_waits(uint64_t off, size_t len, bool for_write) EXCLUDES(mutex_);
+
   // Stages a write. Pages whose bytes do not change are counted as skipped
   // and stay as they were. Returns `len` or -errno. `writeback`: the kernel
   // writing back its cached pages (mmap): that never extends the file, and

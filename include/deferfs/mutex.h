@@ -4,6 +4,7 @@
 // libstdc++'s own std::mutex and lock guards are not annotated.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <shared_mutex>
@@ -66,6 +67,13 @@ class CondVar {
     std::unique_lock<std::mutex> lk(mu.m_, std::adopt_lock);
     cv_.wait(lk);
     lk.release();  // still held: the caller's scope owns it
+  }
+  // As wait(), returning after `d` at the latest.
+  template <class Rep, class Period>
+  void wait_for(Mutex& mu, std::chrono::duration<Rep, Period> d) REQUIRES(mu) {
+    std::unique_lock<std::mutex> lk(mu.m_, std::adopt_lock);
+    cv_.wait_for(lk, d);
+    lk.release();
   }
   void notify_one() { cv_.notify_one(); }
   void notify_all() { cv_.notify_all(); }

@@ -78,6 +78,7 @@ struct StatsReport {
   std::string transport;
   std::string transport_reason;
   std::vector<uint64_t> transport_queue_requests;
+  uint64_t transport_sched_raised = 0;  // starved ring threads lifted out of SCHED_IDLE
   // Not in spec 2.1, added for people: who serves the mount.
   int64_t pid = 0;
   std::string source;

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -41,9 +42,27 @@ struct TransportInfo {
   std::string name;                    // "uring" or "dev"
   std::string reason;                  // one line: the choice and its cause
   std::vector<uint64_t> queue_requests;  // requests served by each ring (index = CPU)
+  uint64_t sched_raised = 0;  // times a starved ring thread was lifted out of SCHED_IDLE
 };
 
 class UringQueue;
+class WorkerPool;
+class RingScheduler;
+
+// For handlers that may wait (on a disk, on another thread's load): a ring
+// thread serves its CPU's requests one at a time, so a request that waits
+// there holds up every later request of that CPU, where libfuse's /dev/fuse
+// loop has threads to spare. True while a ring thread serves a request.
+bool serving_on_ring();
+// On a ring thread: whether its queue holds requests besides the one being
+// served (arrived and not yet taken, or handed to a worker). A short wait
+// is better taken on the ring thread when it has nothing else to do: a
+// hand-off costs two thread wake-ups, as much as a 4 KiB disk read here.
+bool ring_has_other_requests();
+// Runs `work`, which must send the request's one reply, on one of the
+// transport's worker threads when called from a ring thread's handler (the
+// reply reaches the ring from there); anywhere else it runs at once.
+void run_off_ring(std::function<void()> work);
 
 class Transport {
  public:
@@ -98,6 +117,16 @@ class Transport {
   // (entries stay mapped until then: a late reply may still look at them) ----
   std::vector<std::unique_ptr<UringQueue>> queues_;
   std::atomic<bool> rings_created_{false};  // queues_ complete (never changes after)
+  // Created with the rings, before they serve; ended in stop_rings() once
+  // every ring thread is joined (only they post to it), after running what
+  // was queued (each item's reply then goes to /dev/fuse, whose connection
+  // knows the request no more, or has ended).
+  std::unique_ptr<WorkerPool> workers_;
+  // The ring threads' scheduling (ring_sched.h): set once every ring is
+  // registered, ended first in stop_rings() (it names threads by id, which
+  // the system reuses once they end). Guarded by state_mu_.
+  std::unique_ptr<RingScheduler> sched_;
+  friend void run_off_ring(std::function<void()> work);
 
   // ---- state for info(); guarded by state_mu_ ----
   mutable std::mutex state_mu_;

@@ -424,3 +424,80 @@ def test_failed_registration_falls_back_to_dev(uring, mount_factory, monkeypatch
     assert wait_for(lambda: ring_threads(m.proc.pid) == [] and io_uring_fds(m.proc.pid) == 0, 10), \
         (ring_threads(m.proc.pid), io_uring_fds(m.proc.pid))
     assert sum(st["transport_queue_requests"]) == 0
+
+
+# ------------------------------------------------------ ring threads' policy
+
+AUTOGROUP = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+@pytest.fixture
+def autogroup_off():
+    """Autogroup off for the processes the test starts, put back whatever
+    happens: the daemon and the busy loops then share one scheduling group,
+    as under a service manager that groups nothing, so a busy thread can
+    starve a SCHED_IDLE one."""
+    if not os.access(AUTOGROUP, os.W_OK):
+        pytest.skip(f"needs root and {AUTOGROUP}")
+    with open(AUTOGROUP) as f:
+        old = f.read().strip()
+    with open(AUTOGROUP, "w") as f:
+        f.write("0\n")
+    try:
+        yield
+    finally:
+        with open(AUTOGROUP, "w") as f:
+            f.write(old + "\n")
+
+
+def ring_tids(pid):
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("deferfs-uring"):
+                    out.append(int(tid))
+        except OSError:
+            pass
+    return out
+
+
+def test_ring_threads_idle_yet_served_beside_busy_cpus(uring, autogroup_off, mount_factory):
+    m = mount_factory(opts=["transport=uring"])
+    assert "ring threads SCHED_IDLE" in m.stats()["transport_reason"]
+    tids = ring_tids(m.proc.pid)
+    assert len(tids) == len(CPUS)
+    assert all(os.sched_getscheduler(t) == os.SCHED_IDLE for t in tids)
+    data = os.urandom(8 << 20)
+    write_file(m.s("f"), data)
+    assert read_file(m.m("f")) == data  # every page in the segment now
+    # A busy loop on every CPU, in the daemon's scheduling group: an idle
+    # ring thread left alone would get a request through every ~40 ms.
+    hogs = [child(cpu, "while True: pass") for cpu in ONLINE]
+    lat = []
+    try:
+        time.sleep(0.3)
+        fd = os.open(m.m("f"), os.O_RDONLY)
+        try:
+            end = time.monotonic() + 3
+            i = 0
+            while time.monotonic() < end:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # so each read asks the daemon
+                off = (i * 7919 % 2048) * 4096
+                t = time.monotonic()
+                assert os.pread(fd, 4096, off) == data[off:off + 4096]
+                lat.append(time.monotonic() - t)
+                i += 1
+        finally:
+            os.close(fd)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    lat.sort()
+    st = m.stats()
+    assert st["transport_sched_raised"] >= 1, st
+    assert "waited over" in m.log()
+    assert len(lat) >= 300 and lat[len(lat) // 2] < 0.005, (len(lat), lat[len(lat) // 2], lat[-1])
+    # Back to idle once the CPUs are free again (kRaisedFor, 2 s).
+    assert wait_for(lambda: all(os.sched_getscheduler(t) == os.SCHED_IDLE for t in tids), 10)
