@@ -80,9 +80,26 @@ bool requester_groups(fuse_req_t req, std::vector<gid_t>& groups) {
   return false;
 }
 
-bool daemon_is_root() {
-  static const bool root = geteuid() == 0;
-  return root;
+// The daemon's own filesystem credentials, read once: every thread has them
+// whenever it is not switched (nothing else in the daemon changes them).
+struct DaemonCredentials {
+  bool root = false;
+  bool ok = false;  // the groups could be read
+  uid_t fsuid = 0;
+  gid_t fsgid = 0;
+  std::vector<gid_t> groups;
+};
+
+const DaemonCredentials& daemon_credentials() {
+  static const DaemonCredentials creds = [] {
+    DaemonCredentials c;
+    c.root = geteuid() == 0;
+    c.fsuid = static_cast<uid_t>(syscall(kSetfsuid, kQueryId));
+    c.fsgid = static_cast<gid_t>(syscall(kSetfsgid, static_cast<gid_t>(kQueryId)));
+    c.ok = get_groups(c.groups);
+    return c;
+  }();
+  return creds;
 }
 
 std::atomic<bool> warned_switch{false};
@@ -91,16 +108,32 @@ std::atomic<bool> warned_groups{false};
 }  // namespace
 
 CallerCredentials::CallerCredentials(fuse_req_t req) {
-  if (!daemon_is_root()) return;
+  const DaemonCredentials& own = daemon_credentials();
+  if (!own.root) return;
   const fuse_ctx* ctx = fuse_req_ctx(req);
   if (!ctx) return;
+  saved_fsuid_ = own.fsuid;
+  saved_fsgid_ = own.fsgid;
 
-  saved_fsuid_ = static_cast<uid_t>(syscall(kSetfsuid, kQueryId));
-  saved_fsgid_ = static_cast<gid_t>(syscall(kSetfsgid, static_cast<gid_t>(kQueryId)));
-  if (!get_groups(saved_groups_)) {
+  if (ctx->uid == 0 && own.fsuid == 0) {
+    // A root caller: with fsuid 0 its capabilities pass every permission
+    // check, so its supplementary groups decide nothing; only the group of
+    // what it creates follows its gid. No /proc read, no groups switched.
+    if (ctx->gid == own.fsgid) return;
+    if (!set_fsgid(ctx->gid)) {
+      if (!warned_switch.exchange(true))
+        log_error("cannot switch to the caller's gid %u: creating files with gid %u", static_cast<unsigned>(ctx->gid),
+                  static_cast<unsigned>(own.fsgid));
+      set_fsgid(own.fsgid);
+      return;
+    }
+    switched_ = Switch::Gid;
+    return;
+  }
+
+  if (!own.ok) {
     if (!warned_switch.exchange(true)) {
-      log_error("cannot read the daemon's supplementary groups (%s): creating files as root, not as the caller",
-                std::strerror(errno));
+      log_error("cannot read the daemon's supplementary groups: creating files as root, not as the caller");
     }
     return;
   }
@@ -121,7 +154,7 @@ CallerCredentials::CallerCredentials(fuse_req_t req) {
     }
     return;  // nothing changed
   }
-  switched_ = true;  // from here on restore() has something to undo
+  switched_ = Switch::All;  // from here on restore() has something to undo
   if (!set_fsgid(ctx->gid) || !set_fsuid(ctx->uid)) {
     if (!warned_switch.exchange(true)) {
       log_error("cannot switch to the caller's uid %u gid %u: creating files as root, not as the caller",
@@ -132,15 +165,17 @@ CallerCredentials::CallerCredentials(fuse_req_t req) {
 }
 
 void CallerCredentials::restore() {
-  if (!switched_) return;
+  if (switched_ == Switch::None) return;
   // fsuid first: back at 0, the thread has its filesystem capabilities again.
-  const bool ok = set_fsuid(saved_fsuid_) && set_fsgid(saved_fsgid_) && set_groups(saved_groups_);
+  const bool ok = switched_ == Switch::Gid
+                      ? set_fsgid(saved_fsgid_)
+                      : set_fsuid(saved_fsuid_) && set_fsgid(saved_fsgid_) && set_groups(daemon_credentials().groups);
   if (!ok) {
     log_error("cannot switch a thread back to the daemon's credentials (fsuid %u): aborting",
               static_cast<unsigned>(saved_fsuid_));
     std::abort();
   }
-  switched_ = false;
+  switched_ = Switch::None;
 }
 
 }  // namespace deferfs

@@ -55,14 +55,18 @@ class CallerCredentials {
   // destructor calls it too.
   void restore();
 
-  // True while the thread runs with the requester's credentials.
-  bool switched() const { return switched_; }
+  // True while the thread runs with credentials changed for the requester
+  // (a root requester of the daemon's own gid needs no change: false).
+  bool switched() const { return switched_ != Switch::None; }
 
  private:
-  bool switched_ = false;
-  uid_t saved_fsuid_ = 0;
+  // What was changed: nothing; the fsgid alone (a root requester: its
+  // capabilities pass every check, its groups decide nothing); or fsuid,
+  // fsgid and the supplementary groups.
+  enum class Switch { None, Gid, All };
+  Switch switched_ = Switch::None;
+  uid_t saved_fsuid_ = 0;  // the daemon's own (read once per process)
   gid_t saved_fsgid_ = 0;
-  std::vector<gid_t> saved_groups_;
 };
 
 }  // namespace deferfs

@@ -246,6 +246,17 @@ def test_what_a_user_creates_is_theirs(users, amnt):
     os.mkdir(m.m("rootdir"))
     assert lstat_key(m.s("rootfile"))[2:] == (0, 0)
     assert lstat_key(m.s("rootdir"))[2:] == (0, 0)
+    # Root with another gid (sg, newgrp): what it creates has that group
+    # (the daemon switches only its fsgid for a root caller).
+    code = (f"import os; os.setgid({A.gid}); os.mkdir({str(m.m('rootgid-dir'))!r});"
+            f"open({str(m.m('rootgid-file'))!r}, 'w').close()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert lstat_key(m.s("rootgid-file"))[2:] == (0, A.gid)
+    assert lstat_key(m.s("rootgid-dir"))[2:] == (0, A.gid)
+    # And the next root request is served with the daemon's gid again.
+    write_file(m.m("rootfile2"), b"r")
+    assert lstat_key(m.s("rootfile2"))[2:] == (0, 0)
 
 
 def test_callers_umask_applies_once(users, amnt):
