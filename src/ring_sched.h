@@ -42,7 +42,7 @@ namespace deferfs {
 class RingScheduler {
  public:
   static constexpr std::chrono::milliseconds kPeriod{10};
-  static constexpr std::chrono::milliseconds kQuietPeriod{50};
+  static constexpr std::chrono::milliseconds kQuietPeriod{100};
   static constexpr std::chrono::milliseconds kRaisedFor{2000};
 
   // `tids`: the ring threads (running). Sets their policy and, if that
