@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "deferfs/log.h"
+#include "thread_signals.h"
 
 namespace deferfs {
 
@@ -119,10 +120,7 @@ void RingScheduler::run() {
   pthread_setname_np(pthread_self(), "deferfs-rsched");
   // Started by a ring thread, maybe idle already: the guard must not starve.
   set_policy(0, SCHED_OTHER);
-  sigset_t all;
-  sigfillset(&all);
-  for (int sig : {SIGBUS, SIGSEGV, SIGFPE, SIGILL}) sigdelset(&all, sig);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  block_signals_but_faults();
   bool busy = true;
   for (;;) {
     {

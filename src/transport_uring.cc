@@ -18,6 +18,7 @@
 
 #include "deferfs/fd_memory.h"
 #include "deferfs/log.h"
+#include "thread_signals.h"
 
 namespace deferfs {
 
@@ -219,12 +220,7 @@ void UringQueue::run() {
   char name[16];
   std::snprintf(name, sizeof name, "deferfs-uring%u", cfg_.qid % 100);
   pthread_setname_np(pthread_self(), name);
-  // Signals are for libfuse's loop thread (fuse_set_signal_handlers); a
-  // fault's own signal stays deliverable (blocked, it would kill).
-  sigset_t all;
-  sigfillset(&all);
-  for (int sig : {SIGBUS, SIGSEGV, SIGFPE, SIGILL}) sigdelset(&all, sig);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  block_signals_but_faults();
   cpu_set_t cpus;
   CPU_ZERO(&cpus);
   CPU_SET(cfg_.qid, &cpus);

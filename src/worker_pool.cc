@@ -3,6 +3,8 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include "thread_signals.h"
+
 namespace deferfs {
 
 WorkerPool::WorkerPool(unsigned threads) {
@@ -28,12 +30,7 @@ void WorkerPool::post(std::function<void()> work) {
 
 void WorkerPool::run() {
   pthread_setname_np(pthread_self(), "deferfs-work");
-  // Signals are for libfuse's loop thread; a fault's own signal stays
-  // deliverable (blocked, it would kill).
-  sigset_t all;
-  sigfillset(&all);
-  for (int sig : {SIGBUS, SIGSEGV, SIGFPE, SIGILL}) sigdelset(&all, sig);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  block_signals_but_faults();
   for (;;) {
     std::function<void()> work;
     {
