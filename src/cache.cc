@@ -62,13 +62,18 @@ void Cache::balance(File* hint) {
 void Cache::evict(uint64_t bytes, File* hint) {
   std::vector<std::shared_ptr<File>> files = live_files();
   uint64_t freed = 0;
-  // A file holding more than half the cache pays first.
-  if (hint) {
-    for (auto& f : files) {
-      if (f.get() != hint) continue;
-      uint64_t ps = f->page_size();
-      if (f->clean_pages() * ps > cache_limit_ / 2) freed += f->evict_clean((bytes + ps - 1) / ps) * ps;
-    }
+  // A file holding more than half the cache pays first, whichever file's
+  // request pushed memory over (the hint is looked at first): one reader
+  // cannot take the whole cache. With requests served concurrently (ring
+  // workers), the balance after a small file's read often runs while a
+  // streaming file's loads are in flight; left to the shares below, the
+  // small file would pay as much as the stream.
+  if (hint)
+    std::stable_partition(files.begin(), files.end(), [hint](const auto& f) { return f.get() == hint; });
+  for (auto& f : files) {
+    if (freed >= bytes) break;
+    uint64_t ps = f->page_size();
+    if (f->clean_pages() * ps > cache_limit_ / 2) freed += f->evict_clean((bytes - freed + ps - 1) / ps) * ps;
   }
   // Then every file in turn, a share each, until enough is free; pages
   // touched since the last turn get a second chance inside evict_clean.
