@@ -65,6 +65,9 @@ class PersistMeta {
   // Opens and locks an existing one; nullptr if locked by a live daemon or
   // not valid (`why` says which).
   static std::unique_ptr<PersistMeta> open_existing(const std::string& path, std::string& why);
+  // Reads the header of a metadata file without locking it (whoever holds
+  // it); false if unreadable or not a deferfs metadata file.
+  static bool peek_header(const std::string& path, PersistedHeader& out);
   ~PersistMeta();  // unlinks the file unless keep()
   PersistMeta(const PersistMeta&) = delete;
   PersistMeta& operator=(const PersistMeta&) = delete;
@@ -107,8 +110,8 @@ std::string persist_prefix(const std::string& source_root);
 // The persisted files of `prefix` (metadata paths).
 std::vector<std::string> list_persisted(const std::string& prefix);
 
-// Counts the persisted files (metadata) of sources that no longer exist and
-// that no live daemon holds. They are never removed unasked (issue 16): the
+// Counts the persisted files (metadata) of sources that no longer exist
+// (read without taking their locks). They are never removed unasked (issue 16): the
 // next mount of a directory at that path keeps them aside (orphans.h).
 int count_homeless();
 
