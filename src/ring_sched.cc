@@ -78,7 +78,20 @@ RingScheduler::RingScheduler(std::vector<pid_t> tids) {
   for (Ring& r : rings_)
     if (int e = set_policy(r.tid, SCHED_IDLE)) log_debug("ring thread %d: SCHED_IDLE: %s", r.tid, std::strerror(e));
   describe_ = "ring threads SCHED_IDLE, raised while starved";
+  // Made on a ring thread, the guard would be born with its name (tests and
+  // tools tell ring threads by name), its CPU and its policy: give this
+  // thread the guard's name and the process's CPUs while it starts it (the
+  // guard leaves SCHED_IDLE itself, first thing).
+  char own_name[16] = "";
+  pthread_getname_np(pthread_self(), own_name, sizeof own_name);
+  cpu_set_t own_cpus, all_cpus;
+  const bool cpus_known = sched_getaffinity(0, sizeof own_cpus, &own_cpus) == 0 &&
+                          sched_getaffinity(getpid(), sizeof all_cpus, &all_cpus) == 0;
+  pthread_setname_np(pthread_self(), "deferfs-rsched");
+  if (cpus_known) sched_setaffinity(0, sizeof all_cpus, &all_cpus);
   guard_ = std::thread([this] { run(); });
+  if (cpus_known) sched_setaffinity(0, sizeof own_cpus, &own_cpus);
+  pthread_setname_np(pthread_self(), own_name);
 }
 
 RingScheduler::~RingScheduler() {
@@ -117,8 +130,7 @@ bool RingScheduler::check(Ring& r, std::chrono::steady_clock::time_point now) {
 }
 
 void RingScheduler::run() {
-  pthread_setname_np(pthread_self(), "deferfs-rsched");
-  // Started by a ring thread, maybe idle already: the guard must not starve.
+  // Started by a ring thread, idle already: the guard must not starve.
   set_policy(0, SCHED_OTHER);
   block_signals_but_faults();
   bool busy = true;
