@@ -191,7 +191,7 @@ ssize_t UringQueue::reply(UringEntry* e, const iovec* iov, int count) {
   // The one copy of the reply's data: straight from where the handler has
   // it (a segment's pages for READ) into the ring's payload buffer.
   if (data && !copy_reply(e->payload, data, iov, count, sizeof(OutHeader))) {
-    log_error("uring queue %u: a page of the reply to request %llu vanished while it was copied: answered EIO",
+    log_error("uring queue %u: the data of the reply to request %llu could not be copied (a page vanished, or its segment could not be read): answered EIO",
               cfg_.qid, static_cast<unsigned long long>(out.unique));
     out.error = -EIO;
     data = 0;
